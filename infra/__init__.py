@@ -1,0 +1,1 @@
+"""Infrastructure of fedcompare: the checkpoint store and the local stack launcher."""
