@@ -1,0 +1,1 @@
+"""Flower ClientApp of fedcompare, its data loading, model zoo and local training."""

@@ -1,0 +1,120 @@
+"""Flower ClientApp of fedcompare: answers queries, trains and evaluates on the node's data."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.data import Dataset, load_dataset, node_data
+from clients.models import Model, build_model
+from clients.run_config import ArmRunConfig
+
+app = ClientApp()
+
+
+def _node_facts(context: Context) -> tuple[int, int, str, str]:
+    """Read the node config once: partition id, number of partitions, tier, device."""
+    node = context.node_config
+    partition_id = int(node["partition-id"])
+    num_partitions = int(node["num-partitions"])
+    tier = str(node.get("tier", "cpu"))
+    device = str(node.get("device", "auto"))
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"node config partition-id={partition_id} is outside 0..{num_partitions - 1}: "
+            "start the SuperNode with a partition-id below num-partitions"
+        )
+    return partition_id, num_partitions, tier, device
+
+
+def _local_data(context: Context) -> tuple[ArmRunConfig, Dataset, Dataset]:
+    """Load this node's local train and test splits for the run's dataset."""
+    run = ArmRunConfig.from_run_config(context.run_config)
+    partition_id, num_partitions, _, _ = _node_facts(context)
+    dataset = load_dataset(run.dataset, label_column=run.label_column)
+    train, test = node_data(
+        dataset, partition_id=partition_id, num_partitions=num_partitions, **run.data_kwargs()
+    )
+    return run, train, test
+
+
+def _model(run: ArmRunConfig, context: Context, train: Dataset, arrays: ArrayRecord) -> Model:
+    """Build the run's model on this node's device and load the global arrays."""
+    _, _, _, device = _node_facts(context)
+    model = build_model(
+        run.model,
+        input_shape=train.input_shape,
+        num_classes=train.num_classes,
+        seed=run.seed,
+        device=device,
+    )
+    model.set_arrays(OrderedDict((name, array.numpy()) for name, array in arrays.items()))
+    return model
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server what this node is: tier, device, partition and number of examples."""
+    run, train, test = _local_data(context)
+    partition_id, num_partitions, tier, device = _node_facts(context)
+    if device == "auto":
+        device = _detect_device(tier)
+    info = ConfigRecord(
+        {
+            "tier": tier,
+            "device": device,
+            "partition-id": partition_id,
+            "num-partitions": num_partitions,
+            "num-train": len(train.y),
+            "num-test": len(test.y),
+            "classes-seen": int(np.unique(train.y).size),
+            "pid": os.getpid(),
+        }
+    )
+    return Message(RecordDict({"node": info}), reply_to=msg)
+
+
+def _detect_device(tier: str) -> str:
+    """Return 'cuda' when torch sees a GPU; cpu-tier nodes answer 'cpu' without importing torch."""
+    if tier != "gpu":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on the node's local training split."""
+    run, train_set, _ = _local_data(context)
+    config = msg.content["config"]
+    model = _model(run, context, train_set, msg.content["arrays"])
+    metrics = model.fit(
+        train_set,
+        epochs=int(config["local-epochs"]),
+        batch_size=int(config["batch-size"]),
+        learning_rate=float(config["learning-rate"]),
+        seed=run.seed + int(config["server-round"]),
+    )
+    arrays = ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in model.get_arrays().items()))
+    reply = MetricRecord({"num-examples": len(train_set.y), **_floats(metrics, "num_examples")})
+    return Message(RecordDict({"arrays": arrays, "metrics": reply}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on the node's local test split."""
+    run, train_set, test_set = _local_data(context)
+    model = _model(run, context, train_set, msg.content["arrays"])
+    metrics = model.evaluate(test_set, batch_size=run.batch_size)
+    reply = MetricRecord({"num-examples": len(test_set.y), **_floats(metrics, "num_examples")})
+    return Message(RecordDict({"metrics": reply}), reply_to=msg)
+
+
+def _floats(metrics: dict[str, float], *skip: str) -> dict[str, float]:
+    """Return the metrics as floats with dashes in their names, leaving out `skip`."""
+    return {k.replace("_", "-"): float(v) for k, v in metrics.items() if k not in skip}

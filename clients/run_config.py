@@ -1,0 +1,70 @@
+"""Typed view of the Flower run config that the ClientApp and the ServerApp share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class ArmRunConfig:
+    """One Flower run of fedcompare: one arm, or a query of the federation.
+
+    Field names are the run-config keys of `[tool.flwr.app.config]` in
+    pyproject.toml with dashes turned into underscores; that table documents them.
+    """
+
+    mode: str
+    store_uri: str
+    run_key: str
+    arm: str
+    nodes: str
+    model: str
+    dataset: str
+    label_column: str
+    partitioning: str
+    dirichlet_alpha: float
+    classes_per_node: int
+    central_test_fraction: float
+    local_test_fraction: float
+    num_rounds: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    round_timeout: float
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ArmRunConfig:
+        """Read the run config once into typed fields; unknown or missing keys fail loudly."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        missing = sorted(set(known) - set(run_config))
+        if unknown or missing:
+            raise ValueError(
+                f"run config does not match fedcompare's [tool.flwr.app.config]: "
+                f"unknown keys {unknown}, missing keys {missing}; "
+                "submit the run from this repository's pyproject.toml"
+            )
+        types = {"int": int, "float": float, "str": str}
+        values = {f.name: types[f.type](run_config[key]) for key, f in known.items()}
+        config = cls(**values)
+        if config.mode not in ("train", "query"):
+            raise ValueError(f"run config mode: expected 'train' or 'query', got {config.mode!r}")
+        return config
+
+    @property
+    def node_ids(self) -> list[int]:
+        """Return the node ids this arm trains on (empty: every connected node)."""
+        return [int(part) for part in self.nodes.split(",") if part.strip()]
+
+    def data_kwargs(self) -> dict[str, Any]:
+        """Return the partitioning arguments of `clients.data.node_data`."""
+        return {
+            "scheme": self.partitioning,
+            "seed": self.seed,
+            "alpha": self.dirichlet_alpha,
+            "classes_per_node": self.classes_per_node,
+            "central_test_fraction": self.central_test_fraction,
+            "local_test_fraction": self.local_test_fraction,
+        }

@@ -1,0 +1,1 @@
+"""Prefect flows and tasks of fedcompare: the `federated-compare` flow and its report."""

@@ -1,0 +1,264 @@
+"""The `federated-compare` flow: train a large and a small model federatedly and compare them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.runtime import flow_run
+
+from clients.centralized import train_centralized
+from clients.data import load_dataset
+from clients.models import resolve_large_model
+from flows.config import BUILTIN_DATASETS, CompareConfig, resolve_store_uri, resolve_superlink
+from flows.flower import FlowerError, run_log, run_status, stop_run, submit_run
+from flows.report import build_report, model_size, render_markdown, summarize_arm, summary_rows
+from infra.checkpoints import load_latest, read_manifest, round_metrics
+from infra.store import open_store
+
+ARMS = ("large", "small")
+_POLL_S = 2.0
+
+
+def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_key: str,
+                store_uri: str, nodes: list[int]) -> dict[str, Any]:
+    """Translate the comparison config into the Flower run config of one arm (or the query)."""
+    data = config.data
+    dataset = data.dataset if data.dataset in BUILTIN_DATASETS else str(Path(data.dataset).resolve())
+    arm_config = getattr(config, arm)
+    return {
+        "mode": mode, "store-uri": store_uri, "run-key": run_key, "arm": arm,
+        "nodes": ",".join(str(n) for n in nodes), "model": model,
+        "dataset": dataset, "label-column": data.label_column, "partitioning": data.partitioning,
+        "dirichlet-alpha": data.dirichlet_alpha, "classes-per-node": data.classes_per_node,
+        "central-test-fraction": data.central_test_fraction, "local-test-fraction": data.local_test_fraction,
+        "num-rounds": config.rounds, "local-epochs": arm_config.local_epochs,
+        "batch-size": arm_config.batch_size, "learning-rate": arm_config.learning_rate,
+        "seed": config.seed, "round-timeout": config.round_timeout_s,
+    }
+
+
+def _data_kwargs(config: CompareConfig) -> dict[str, Any]:
+    """Return the partitioning arguments that `clients.data` takes for this config."""
+    data = config.data
+    return {
+        "scheme": data.partitioning, "seed": config.seed, "alpha": data.dirichlet_alpha,
+        "classes_per_node": data.classes_per_node, "central_test_fraction": data.central_test_fraction,
+        "local_test_fraction": data.local_test_fraction,
+    }
+
+
+def _wait_for(run_id: int, superlink: str, timeout_s: float, on_poll=None):
+    """Poll Flower run `run_id` until it ends; call `on_poll()` between polls."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = run_status(run_id, superlink)
+        if on_poll:
+            on_poll()
+        if status.finished:
+            return status
+        if time.monotonic() > deadline:
+            stop_run(run_id, superlink)
+            raise TimeoutError(f"Flower run {run_id} did not finish within {timeout_s:.0f} s; it was stopped")
+        time.sleep(_POLL_S)
+
+
+def _failed(what: str, run_id: int, status: str, superlink: str) -> RuntimeError:
+    """Build the error for a Flower run that ended badly, with the end of its log."""
+    tail = run_log(run_id, superlink, tail=25)
+    return RuntimeError(f"{what} (Flower run {run_id}) ended {status}. Last lines of its log:\n{tail}")
+
+
+@task(name="resolve-models")
+def resolve_models(config: CompareConfig) -> dict[str, str]:
+    """Load the dataset once to check it and resolve the model of each arm."""
+    try:
+        dataset = load_dataset(config.data.dataset, label_column=config.data.label_column)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"data.dataset: {exc}") from None
+    large = resolve_large_model(config.large.model, dataset.kind)
+    return {"large": large, "small": config.small.model}
+
+
+@task(name="discover-nodes")
+def discover_nodes(config: CompareConfig, run_key: str, store_uri: str, superlink: str) -> dict[str, Any]:
+    """Ask every node of the federation for its tier, device and number of examples."""
+    logger = get_run_logger()
+    run_config = _run_config(config, mode="query", arm="large", model=config.small.model,
+                             run_key=run_key, store_uri=store_uri, nodes=[])
+    run_id = submit_run(run_config, superlink)
+    status = _wait_for(run_id, superlink, timeout_s=config.round_timeout_s + 120)
+    if not status.completed:
+        raise _failed("the node query", run_id, status.status, superlink)
+    answer = open_store(store_uri).get_json(f"runs/{run_key}/federation.json")
+    for node in answer["nodes"]:
+        logger.info("node %s: tier %s, device %s, partition %s, %s train / %s test examples",
+                    node["node_id"], node["tier"], node["device"], node["partition-id"],
+                    node["num-train"], node["num-test"])
+    if not answer["nodes"]:
+        raise RuntimeError(f"no SuperNode answered at {superlink}: start nodes with `fedcompare up`")
+    return answer
+
+
+def assign_nodes(nodes: list[dict[str, Any]], assignment: str) -> dict[str, list[int]]:
+    """Give each arm its nodes: by tier (large on gpu, small on cpu) or every node to both."""
+    if assignment == "all-nodes":
+        every = [n["node_id"] for n in nodes]
+        return {"large": every, "small": every}
+    chosen = {
+        "large": [n["node_id"] for n in nodes if n["tier"] == "gpu"],
+        "small": [n["node_id"] for n in nodes if n["tier"] == "cpu"],
+    }
+    for arm, tier in (("large", "gpu"), ("small", "cpu")):
+        if not chosen[arm]:
+            raise ValueError(
+                f"assignment 'by-tier' needs at least one node of tier {tier!r} for the {arm} arm, "
+                f"but the nodes have tiers {sorted({n['tier'] for n in nodes})}: start such a node "
+                "or use assignment 'all-nodes'"
+            )
+    return chosen
+
+
+@task(name="train-arm", task_run_name="train-{arm}")
+def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run_key: str,
+              store_uri: str, superlink: str) -> dict[str, Any]:
+    """Submit one arm's Flower run, mirror its rounds into Prefect, and wait for it to end."""
+    logger = get_run_logger()
+    store = open_store(store_uri)
+    progress = create_progress_artifact(
+        progress=0.0, key=f"progress-{arm}", description=f"{arm} arm ({model}): rounds completed"
+    )
+    run_config = _run_config(config, mode="train", arm=arm, model=model, run_key=run_key,
+                             store_uri=store_uri, nodes=nodes)
+    started = time.monotonic()
+    run_id = submit_run(run_config, superlink)
+    logger.info("%s arm: Flower run %s submitted (%s on nodes %s)", arm, run_id, model, nodes)
+    seen = 0
+
+    def mirror_rounds() -> None:
+        """Log every newly completed round and advance the progress artifact."""
+        nonlocal seen
+        manifest = read_manifest(store, run_key, arm)
+        latest = manifest["latest_complete_round"] if manifest else 0
+        if latest <= seen:
+            return
+        for metrics in round_metrics(store, run_key, arm)[seen:latest]:
+            logger.info(
+                "%s round %d/%d: central accuracy %.4f, macro-F1 %.4f, %d nodes, %.1f s",
+                arm, metrics["round"], config.rounds, metrics["central"]["accuracy"],
+                metrics["central"]["macro_f1"], len(metrics["nodes"]), metrics["round_seconds"],
+            )
+        seen = latest
+        update_progress_artifact(artifact_id=progress, progress=100.0 * seen / config.rounds)
+
+    try:
+        status = _wait_for(run_id, superlink, config.rounds * config.round_timeout_s + 300, mirror_rounds)
+    except BaseException:
+        stop_run(run_id, superlink)
+        raise
+    if not status.completed:
+        raise _failed(f"the {arm} arm", run_id, status.status, superlink)
+    mirror_rounds()
+    if seen != config.rounds:
+        raise RuntimeError(f"the {arm} arm finished with {seen} of {config.rounds} rounds in the store")
+    return {"flower_run_id": run_id, "wall_seconds": time.monotonic() - started,
+            "flower_bytes": status.bytes_in + status.bytes_out}
+
+
+@task(name="train-reference", task_run_name="reference-{arm}")
+def train_reference(arm: str, model: str, partition_ids: list[int], num_partitions: int,
+                    config: CompareConfig) -> dict[str, float]:
+    """Train the arm's model centrally on its nodes' pooled training data, as a labelled reference."""
+    arm_config = getattr(config, arm)
+    dataset = load_dataset(config.data.dataset, label_column=config.data.label_column)
+    result = train_centralized(
+        dataset, model_name=model, partition_ids=tuple(partition_ids), num_partitions=num_partitions,
+        epochs=config.rounds * arm_config.local_epochs, batch_size=arm_config.batch_size,
+        learning_rate=arm_config.learning_rate, seed=config.seed, data_kwargs=_data_kwargs(config),
+    )
+    get_run_logger().info("%s central reference: accuracy %.4f after %d epochs on %d examples",
+                          arm, result["accuracy"], result["epochs"], result["num_examples"])
+    return result
+
+
+def _versions() -> dict[str, str]:
+    """Return the versions of fedcompare and the libraries that shape its numbers."""
+    names = ("fedcompare", "flwr", "prefect", "torch", "scikit-learn", "numpy")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+@task(name="publish-report")
+def publish_report(config: CompareConfig, run_key: str, store_uri: str, federation: dict[str, Any],
+                   assignment: dict[str, list[int]], arms: dict[str, dict[str, Any]],
+                   references: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Build the report from the store, write report.json, and publish markdown and table artifacts."""
+    store = open_store(store_uri)
+    summaries = {}
+    for arm, result in arms.items():
+        _, arrays, _ = load_latest(store, run_key, arm)
+        parameters, model_bytes = model_size(arrays)
+        summaries[arm] = {
+            **summarize_arm(
+                arm, round_metrics(store, run_key, arm), nodes=assignment[arm], parameters=parameters,
+                model_bytes=model_bytes, wall_seconds=result["wall_seconds"], reference=references.get(arm),
+                target_accuracy=config.target_accuracy,
+            ),
+            "flower_run_id": result["flower_run_id"],
+        }
+    report = build_report(run_key=run_key, config=config.model_dump(mode="json"), federation=federation,
+                          arms=summaries, target_accuracy=config.target_accuracy, versions=_versions())
+    store.put_json(f"runs/{run_key}/report.json", report)
+    create_markdown_artifact(render_markdown(report), key="federated-compare-report",
+                             description="federated-compare: large vs small model")
+    create_table_artifact(summary_rows(report), key="federated-compare-summary",
+                          description="per-arm summary of the comparison")
+    return report
+
+
+@flow(name="federated-compare", log_prints=True)
+def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]:
+    """Train a large and a small model federatedly, with centralized references, and report both."""
+    logger = get_run_logger()
+    run_key = str(flow_run.get_id() or uuid.uuid4())
+    store_uri = resolve_store_uri(config)
+    superlink = resolve_superlink(config)
+    logger.info("run key %s, store %s, SuperLink %s", run_key, store_uri, superlink)
+
+    models = resolve_models(config)
+    federation = discover_nodes(config, run_key, store_uri, superlink)
+    assignment = assign_nodes(federation["nodes"], config.assignment)
+    logger.info("assignment (%s): %s", config.assignment, assignment)
+
+    if config.assignment == "by-tier":  # disjoint nodes: the arms run side by side
+        futures = {arm: train_arm.submit(arm, models[arm], assignment[arm], config, run_key, store_uri,
+                                         superlink) for arm in ARMS}
+        arms = {arm: future.result() for arm, future in futures.items()}
+    else:  # the same nodes: one arm after the other
+        arms = {arm: train_arm(arm, models[arm], assignment[arm], config, run_key, store_uri, superlink)
+                for arm in ARMS}
+
+    partitions = {n["node_id"]: n["partition-id"] for n in federation["nodes"]}
+    num_partitions = federation["nodes"][0]["num-partitions"]
+    references = {
+        arm: train_reference(arm, models[arm], sorted(partitions[n] for n in assignment[arm]),
+                             num_partitions, config)
+        for arm in ARMS
+    }
+    report = publish_report(config, run_key, store_uri, federation, assignment, arms, references)
+    return {"run_key": run_key, "summary": summary_rows(report)}

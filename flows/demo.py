@@ -1,0 +1,67 @@
+"""Run the `federated-compare/local` deployment, follow it, and print the report summary."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from flows.report import summary_rows
+from infra.stack import DEPLOYMENT, StackSettings
+from infra.store import open_store
+
+_FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def print_summary(report: dict, console: Console) -> None:
+    """Print the report's per-arm summary as a table with one column per arm."""
+    rows = summary_rows(report)
+    table = Table(title=f"federated-compare {report['run_key']}")
+    table.add_column("")
+    for row in rows:
+        table.add_column(str(row["arm"]), justify="right")
+    for metric in list(rows[0])[1:]:
+        table.add_row(metric, *("—" if row[metric] is None else str(row[metric]) for row in rows))
+    console.print(table)
+
+
+async def _run(settings: StackSettings, parameters: dict, timeout_s: float, console: Console) -> tuple[str, str]:
+    """Create a flow run of the deployment and wait for a final state; return (id, state)."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    flow_run = await run_deployment(DEPLOYMENT, parameters=parameters, timeout=0)
+    console.print(f"flow run: {settings.prefect_ui}/runs/flow-run/{flow_run.id}")
+    deadline = time.monotonic() + timeout_s
+    state = "SCHEDULED"
+    async with get_client() as client:
+        with console.status("waiting for the flow run…") as spinner:
+            while time.monotonic() < deadline:
+                current = await client.read_flow_run(flow_run.id)
+                state = current.state.type.value if current.state else "SCHEDULED"
+                spinner.update(f"flow run {current.name}: {current.state.name if current.state else state}")
+                if state in _FINAL:
+                    break
+                await asyncio.sleep(2)
+    return str(flow_run.id), state
+
+
+def run_demo(settings: StackSettings, *, rounds: int | None, timeout_s: float) -> int:
+    """Run the deployment on the local stack and print where to watch it and its summary."""
+    console = Console()
+    os.environ.update({k: v for k, v in settings.env().items() if k.startswith(("PREFECT_", "FEDCOMPARE_"))})
+    parameters = {"config": {"rounds": rounds}} if rounds else {}
+    run_id, state = asyncio.run(_run(settings, parameters, timeout_s, console))
+    url = f"{settings.prefect_ui}/runs/flow-run/{run_id}"
+    if state != "COMPLETED":
+        console.print(f"[red]flow run ended {state}[/]: see {url} and {settings.state_dir}/logs")
+        return 1
+    store = open_store(os.environ["FEDCOMPARE_STORE"])
+    report = store.get_json(f"runs/{run_id}/report.json")
+    print_summary(report, console)
+    console.print(f"flow run: {url}")
+    console.print(f"report:   {store.uri}/runs/{run_id}/report.json")
+    return 0

@@ -1,0 +1,130 @@
+"""Submit, follow and stop Flower runs through the `flwr` CLI (the only way Flower 1.41 offers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+APP_DIR = Path(__file__).resolve().parents[1]
+CONNECTION = "fedcompare"
+_CLI_TIMEOUT_S = 120.0
+
+
+class FlowerError(RuntimeError):
+    """A Flower CLI call failed; the message is one line that says what to do."""
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """The state of a Flower run as `flwr ls` reports it."""
+
+    run_id: int
+    status: str
+    elapsed_seconds: float
+    bytes_in: int
+    bytes_out: int
+    clientapp_seconds: float
+
+    @property
+    def finished(self) -> bool:
+        """Return whether the run has ended, well or not."""
+        return self.status.startswith("finished")
+
+    @property
+    def completed(self) -> bool:
+        """Return whether the run ended successfully."""
+        return self.status == "finished:completed"
+
+
+def _flwr_binary() -> str:
+    """Return the `flwr` executable of this environment."""
+    candidate = Path(sys.executable).parent / "flwr"
+    return str(candidate) if candidate.exists() else "flwr"
+
+
+def _flwr(args: list[str], superlink: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run `flwr <args>` with a throw-away Flower home whose one connection is `superlink`."""
+    with tempfile.TemporaryDirectory(prefix="fedcompare-flwr-") as home:
+        config = {"superlink": {"default": CONNECTION, CONNECTION: {"address": superlink, "insecure": True}}}
+        Path(home, "config.toml").write_text(tomli_w.dumps(config))
+        env = {**os.environ, "FLWR_HOME": home, "COLUMNS": "200", "NO_COLOR": "1"}
+        try:
+            return subprocess.run(
+                [_flwr_binary(), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=APP_DIR
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise FlowerError(
+                f"`flwr {args[0]}` got no answer from the SuperLink at {superlink} within {timeout:.0f} s: "
+                "check that it runs (`fedcompare status`)"
+            ) from exc
+
+
+def _call(args: list[str], superlink: str, *, timeout: float = _CLI_TIMEOUT_S) -> dict[str, Any]:
+    """Run `flwr <args> fedcompare --format json` against `superlink` and return its JSON."""
+    done = _flwr([*args, CONNECTION, "--format", "json"], superlink, timeout)
+    try:
+        answer = json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        answer = {"success": False, "error-message": (done.stderr or done.stdout).strip()[-500:]}
+    if not answer.get("success", False):
+        message = str(answer.get("error-message", "")).strip().splitlines()
+        reason = message[-1] if message else f"exit code {done.returncode}"
+        if "connect" in reason.lower() or "unavailable" in reason.lower():
+            raise FlowerError(
+                f"cannot reach the Flower SuperLink at {superlink} ({reason}): "
+                "start the local stack with `fedcompare up` or set `superlink` to a running SuperLink"
+            )
+        raise FlowerError(f"`flwr {args[0]}` against {superlink} failed: {reason}")
+    return answer
+
+
+def submit_run(run_config: dict[str, Any], superlink: str) -> int:
+    """Submit this repository's Flower app with `run_config` overrides and return the run id."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="fedcompare-run-", delete=False) as file:
+        file.write(tomli_w.dumps(run_config))
+    try:
+        answer = _call(["run", str(APP_DIR), "--run-config", file.name], superlink)
+    finally:
+        os.unlink(file.name)
+    return int(answer["run-id"])
+
+
+def run_status(run_id: int, superlink: str) -> RunStatus:
+    """Return the current status of Flower run `run_id`."""
+    answer = _call(["ls", "--run-id", str(run_id)], superlink)
+    run = answer["runs"][0]
+    traffic = run.get("network-traffic", {})
+    compute = run.get("compute-time", {})
+    return RunStatus(
+        run_id=run_id,
+        status=run["status"],
+        elapsed_seconds=float(run.get("elapsed", 0.0)),
+        bytes_in=int(traffic.get("inbound-bytes", 0)),
+        bytes_out=int(traffic.get("outbound-bytes", 0)),
+        clientapp_seconds=float(compute.get("clientapp-seconds", 0.0)),
+    )
+
+
+def run_log(run_id: int, superlink: str, *, tail: int = 40) -> str:
+    """Return the last `tail` lines of a Flower run's log (empty if unavailable)."""
+    try:
+        done = _flwr(["log", str(run_id), CONNECTION, "--show"], superlink, timeout=60)
+    except FlowerError:
+        return ""
+    return "\n".join(done.stdout.splitlines()[-tail:])
+
+
+def stop_run(run_id: int, superlink: str) -> None:
+    """Ask the SuperLink to stop Flower run `run_id`; ignore runs that already ended."""
+    try:
+        _call(["stop", str(run_id)], superlink, timeout=30)
+    except FlowerError:
+        pass

@@ -1,0 +1,141 @@
+"""The `fedcompare` command: start, inspect and stop the local stack, and run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from infra.stack import DEPLOYMENT, StackError, StackSettings, down, status, up
+
+_DEFAULT_STATE = ".fedcompare"
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    """Return the state directory from --state-dir, $FEDCOMPARE_STATE_DIR or ./.fedcompare."""
+    return Path(args.state_dir or os.environ.get("FEDCOMPARE_STATE_DIR") or _DEFAULT_STATE).resolve()
+
+
+def _settings(args: argparse.Namespace) -> StackSettings:
+    """Return the settings of the stack in the state dir, or fresh ones from the flags."""
+    state = _state_dir(args)
+    existing = StackSettings.load(state)
+    wanted = {
+        key: value
+        for key in ("prefect_port", "superlink_port", "node_base_port", "gpu_nodes", "cpu_nodes")
+        if (value := getattr(args, key, None)) is not None
+    }
+    if existing and not wanted:
+        return existing
+    if existing and any(getattr(existing, k) != v for k, v in wanted.items()) and _any_running(existing):
+        raise StackError(
+            f"a stack with other settings runs in {state}: stop it with `fedcompare down` first"
+        )
+    return StackSettings.create(state, **wanted)
+
+
+def _any_running(settings: StackSettings) -> bool:
+    """Return whether any part of the stack runs."""
+    return any(pid for _, _, pid in status(settings))
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    """Start the local stack."""
+    settings = _settings(args)
+    up(settings)
+    print(f"state and logs   {settings.state_dir}")
+    print(f"run the comparison: fedcompare demo   (or: prefect deployment run {DEPLOYMENT})")
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    """Stop the local stack."""
+    settings = StackSettings.load(_state_dir(args))
+    if settings is None:
+        print(f"nothing to stop: no stack was started in {_state_dir(args)}")
+        return 0
+    stopped = down(settings)
+    print("stopped " + (", ".join(stopped) if stopped else "nothing (no part was running)"))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Show each part of the local stack, its address and whether it runs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    settings = StackSettings.load(_state_dir(args))
+    if settings is None:
+        print(f"no stack was started in {_state_dir(args)}: run `fedcompare up`")
+        return 1
+    table = Table(title=f"fedcompare stack in {settings.state_dir}")
+    for column in ("part", "address", "state", "pid"):
+        table.add_column(column)
+    rows = status(settings)
+    for name, address, pid in rows:
+        table.add_row(name, address, "[green]running[/]" if pid else "[red]stopped[/]", str(pid or "-"))
+    Console().print(table)
+    return 0 if all(pid for _, _, pid in rows) else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Start the stack if needed, run the deployment, and print the report summary."""
+    from flows.demo import run_demo
+
+    settings = _settings(args)
+    up(settings)
+    return run_demo(settings, rounds=args.rounds, timeout_s=args.timeout)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Build the argument parser of `fedcompare`."""
+    parser = argparse.ArgumentParser(
+        prog="fedcompare",
+        description="Federated comparison of a large and a small model on a local Prefect + Flower stack.",
+    )
+    parser.add_argument(
+        "--state-dir",
+        help="where PID files, logs, the Prefect database and the default store live "
+        "(default: $FEDCOMPARE_STATE_DIR or ./.fedcompare)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def stack_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--prefect-port", type=int, help="Prefect server port (default 4200)")
+        sub.add_argument("--superlink-port", type=int, help="Flower SuperLink port (default 8000)")
+        sub.add_argument("--node-base-port", type=int, help="first SuperNode Runtime API port (default 9101)")
+        sub.add_argument("--gpu-nodes", type=int, help="SuperNodes of tier gpu (default 2)")
+        sub.add_argument("--cpu-nodes", type=int, help="SuperNodes of tier cpu (default 2)")
+
+    sub = commands.add_parser("up", help="start the local stack in the background (idempotent)")
+    stack_flags(sub)
+    sub.set_defaults(func=_cmd_up)
+    sub = commands.add_parser("down", help="stop everything `up` started")
+    sub.set_defaults(func=_cmd_down)
+    sub = commands.add_parser("status", help="show each part of the stack, its address and state")
+    sub.set_defaults(func=_cmd_status)
+    sub = commands.add_parser(
+        "demo", help=f"start the stack if needed, run {DEPLOYMENT} and print the report summary"
+    )
+    stack_flags(sub)
+    sub.add_argument("--rounds", type=int, help="override the number of federated rounds")
+    sub.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the flow run")
+    sub.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `fedcompare`; user errors print one line and exit 1."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StackError as exc:
+        print(f"fedcompare: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

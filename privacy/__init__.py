@@ -1,0 +1,1 @@
+"""Differential privacy for fedcompare (Opacus DP-SGD, client-level DP, accounting)."""

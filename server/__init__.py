@@ -1,0 +1,1 @@
+"""Flower ServerApp of fedcompare: one arm of a comparison, FedAvg rounds and checkpoint hooks."""

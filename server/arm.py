@@ -1,0 +1,132 @@
+"""Run one arm of a comparison, or query the federation, writing everything to the store."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from clients.data import central_test, load_dataset
+from clients.models import build_model
+from clients.run_config import ArmRunConfig
+from infra.checkpoints import write_round
+from infra.store import Store
+from server.strategy import ArmGrid, RecordingFedAvg
+
+log = logging.getLogger("fedcompare.server")
+
+
+def federation_key(run_key: str) -> str:
+    """Return the store key of the federation's answers to a query."""
+    return f"runs/{run_key}/federation.json"
+
+
+def query_federation(grid: Grid, run: ArmRunConfig, store: Store) -> dict[str, Any]:
+    """Ask every connected node what it is and store the answers."""
+    node_ids = list(grid.get_node_ids())
+    messages = [
+        Message(RecordDict({"query": ConfigRecord({"what": "node-info"})}), message_type="query", dst_node_id=node)
+        for node in node_ids
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=run.round_timeout))
+    nodes, failures = [], []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failures.append({"node_id": node, "reason": reply.error.reason})
+        else:
+            nodes.append({"node_id": node, **dict(reply.content["node"])})
+    answered = {n["node_id"] for n in nodes} | {f["node_id"] for f in failures}
+    failures += [{"node_id": n, "reason": "no reply before the timeout"} for n in node_ids if n not in answered]
+    answer = {"nodes": sorted(nodes, key=lambda n: n["partition-id"]), "failures": failures, "asked_at": _now()}
+    store.put_json(federation_key(run.run_key), answer)
+    return answer
+
+
+def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Wrap named numpy arrays in an ArrayRecord, keeping their order."""
+    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
+
+
+def _from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Unwrap an ArrayRecord into named numpy arrays, keeping their order."""
+    return OrderedDict((k, v.numpy()) for k, v in record.items())
+
+
+def _now() -> str:
+    """Return the current UTC time in ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
+    """Train one arm with FedAvg over its nodes, checkpointing every round to the store."""
+    random.seed(run.seed)  # Flower's node sampling uses the global `random`
+    dataset = load_dataset(run.dataset, label_column=run.label_column)
+    test = central_test(dataset, central_test_fraction=run.central_test_fraction, seed=run.seed)
+    model = build_model(run.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+                        seed=run.seed, device="cpu")
+    arm_grid = ArmGrid(grid, run.node_ids)
+    num_nodes = len(run.node_ids) or len(list(grid.get_node_ids()))
+    strategy = RecordingFedAvg(
+        min_train_nodes=num_nodes, min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes
+    )
+    arm_config = {k: v for k, v in vars(run).items() if k not in ("mode",)}
+    train_config = ConfigRecord(
+        {"local-epochs": run.local_epochs, "batch-size": run.batch_size, "learning-rate": run.learning_rate}
+    )
+    log.info("arm %s: %s on nodes %s for %d rounds", run.arm, run.model, run.node_ids or "all", run.num_rounds)
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Evaluate the global model centrally and write the round to the store."""
+        if server_round == 0:
+            return None
+        named = _from_record(arrays)
+        model.set_arrays(named)
+        central = model.evaluate(test, batch_size=max(run.batch_size, 256))
+        record = strategy.rounds[server_round]
+        metrics = {
+            "round": server_round,
+            "arm": run.arm,
+            "model": run.model,
+            "central": {k: float(v) for k, v in central.items()},
+            "federated": _weighted(record.evaluate),
+            "nodes": [
+                {"node_id": node, "train": record.train.get(node, {}), "evaluate": record.evaluate.get(node, {})}
+                for node in sorted(set(record.train) | set(record.evaluate))
+            ],
+            "failures": record.failures,
+            "bytes_down": record.bytes_down,
+            "bytes_up": record.bytes_up,
+            "round_seconds": time.time() - record.started,
+            "aggregate_seconds": record.aggregate_seconds,
+            "finished_at": _now(),
+        }
+        write_round(store, run.run_key, run.arm, server_round, named, metrics, arm_config)
+        log.info("arm %s round %d: central accuracy %.4f", run.arm, server_round, central["accuracy"])
+        return MetricRecord({"accuracy": float(central["accuracy"])})
+
+    strategy.start(
+        grid=arm_grid,
+        initial_arrays=_to_record(model.get_arrays()),
+        num_rounds=run.num_rounds,
+        timeout=run.round_timeout,
+        train_config=train_config,
+        evaluate_config=ConfigRecord({}),
+        evaluate_fn=checkpoint,
+    )
+
+
+def _weighted(per_node: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Average the nodes' evaluation metrics weighted by their number of examples."""
+    total = sum(m.get("num-examples", 0) for m in per_node.values())
+    if not total:
+        return {}
+    keys = {k for m in per_node.values() for k in m if k != "num-examples"}
+    return {k: sum(m.get(k, 0.0) * m["num-examples"] for m in per_node.values()) / total for k in sorted(keys)}
