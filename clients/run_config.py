@@ -33,6 +33,7 @@ class ArmRunConfig:
     learning_rate: float
     seed: int
     round_timeout: float
+    node_evaluation: str
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ArmRunConfig:
@@ -51,6 +52,10 @@ class ArmRunConfig:
         config = cls(**values)
         if config.mode not in ("train", "query"):
             raise ValueError(f"run config mode: expected 'train' or 'query', got {config.mode!r}")
+        if config.node_evaluation not in ("final", "every-round"):
+            raise ValueError(
+                f"run config node-evaluation: expected 'final' or 'every-round', got {config.node_evaluation!r}"
+            )
         return config
 
     @property

@@ -23,11 +23,12 @@ from clients.models import resolve_large_model
 from flows.config import BUILTIN_DATASETS, CompareConfig, resolve_store_uri, resolve_superlink
 from flows.flower import FlowerError, run_log, run_status, stop_run, submit_run
 from flows.report import build_report, model_size, render_markdown, summarize_arm, summary_rows
-from infra.checkpoints import load_latest, read_manifest, round_metrics
+from infra.checkpoints import federation_key, load_latest, read_manifest, report_key, round_metrics
 from infra.store import open_store
 
 ARMS = ("large", "small")
-_POLL_S = 2.0
+_POLL_S = 1.0  # store reads while following a run
+_STATUS_POLL_S = 15.0  # `flwr ls` calls while following a run
 
 
 def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_key: str,
@@ -45,6 +46,7 @@ def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_k
         "num-rounds": config.rounds, "local-epochs": arm_config.local_epochs,
         "batch-size": arm_config.batch_size, "learning-rate": arm_config.learning_rate,
         "seed": config.seed, "round-timeout": config.round_timeout_s,
+        "node-evaluation": config.node_evaluation,
     }
 
 
@@ -58,16 +60,26 @@ def _data_kwargs(config: CompareConfig) -> dict[str, Any]:
     }
 
 
-def _wait_for(run_id: int, superlink: str, timeout_s: float, on_poll=None):
-    """Poll Flower run `run_id` until it ends; call `on_poll()` between polls."""
+def _wait_for(run_id: int, superlink: str, timeout_s: float, *, on_poll=None, looks_done=None):
+    """Wait until Flower run ``run_id`` ends and return its final status.
+
+    Asking Flower (``flwr ls``) costs a Python process start (about 1 s of CPU, on the
+    cores the nodes train on), so the status is read every ``_STATUS_POLL_S`` only;
+    ``on_poll()`` (cheap store reads) runs every ``_POLL_S``, and once ``looks_done()``
+    says the store holds everything the run writes, the status is read every poll.
+    """
     deadline = time.monotonic() + timeout_s
+    next_status = 0.0
     while True:
-        status = run_status(run_id, superlink)
         if on_poll:
             on_poll()
-        if status.finished:
-            return status
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now >= next_status or (looks_done and looks_done()):
+            status = run_status(run_id, superlink)
+            if status.finished:
+                return status
+            next_status = now + _STATUS_POLL_S
+        if now > deadline:
             stop_run(run_id, superlink)
             raise TimeoutError(f"Flower run {run_id} did not finish within {timeout_s:.0f} s; it was stopped")
         time.sleep(_POLL_S)
@@ -97,10 +109,12 @@ def discover_nodes(config: CompareConfig, run_key: str, store_uri: str, superlin
     run_config = _run_config(config, mode="query", arm="large", model=config.small.model,
                              run_key=run_key, store_uri=store_uri, nodes=[])
     run_id = submit_run(run_config, superlink)
-    status = _wait_for(run_id, superlink, timeout_s=config.round_timeout_s + 120)
+    store = open_store(store_uri)
+    status = _wait_for(run_id, superlink, config.round_timeout_s + 120,
+                       looks_done=lambda: store.exists(federation_key(run_key)))
     if not status.completed:
         raise _failed("the node query", run_id, status.status, superlink)
-    answer = open_store(store_uri).get_json(f"runs/{run_key}/federation.json")
+    answer = store.get_json(federation_key(run_key))
     for node in answer["nodes"]:
         logger.info("node %s: tier %s, device %s, partition %s, %s train / %s test examples",
                     node["node_id"], node["tier"], node["device"], node["partition-id"],
@@ -162,7 +176,8 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
         update_progress_artifact(artifact_id=progress, progress=100.0 * seen / config.rounds)
 
     try:
-        status = _wait_for(run_id, superlink, config.rounds * config.round_timeout_s + 300, mirror_rounds)
+        status = _wait_for(run_id, superlink, config.rounds * config.round_timeout_s + 300,
+                           on_poll=mirror_rounds, looks_done=lambda: seen >= config.rounds)
     except BaseException:
         stop_run(run_id, superlink)
         raise
@@ -223,7 +238,7 @@ def publish_report(config: CompareConfig, run_key: str, store_uri: str, federati
         }
     report = build_report(run_key=run_key, config=config.model_dump(mode="json"), federation=federation,
                           arms=summaries, target_accuracy=config.target_accuracy, versions=_versions())
-    store.put_json(f"runs/{run_key}/report.json", report)
+    store.put_json(report_key(run_key), report)
     create_markdown_artifact(render_markdown(report), key="federated-compare-report",
                              description="federated-compare: large vs small model")
     create_table_artifact(summary_rows(report), key="federated-compare-summary",
@@ -245,13 +260,10 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
     assignment = assign_nodes(federation["nodes"], config.assignment)
     logger.info("assignment (%s): %s", config.assignment, assignment)
 
-    if config.assignment == "by-tier":  # disjoint nodes: the arms run side by side
-        futures = {arm: train_arm.submit(arm, models[arm], assignment[arm], config, run_key, store_uri,
-                                         superlink) for arm in ARMS}
-        arms = {arm: future.result() for arm, future in futures.items()}
-    else:  # the same nodes: one arm after the other
-        arms = {arm: train_arm(arm, models[arm], assignment[arm], config, run_key, store_uri, superlink)
-                for arm in ARMS}
+    # the arms run side by side; with all-nodes each node serves both Flower runs
+    futures = {arm: train_arm.submit(arm, models[arm], assignment[arm], config, run_key, store_uri, superlink)
+               for arm in ARMS}
+    arms = {arm: future.result() for arm, future in futures.items()}
 
     partitions = {n["node_id"]: n["partition-id"] for n in federation["nodes"]}
     num_partitions = federation["nodes"][0]["num-partitions"]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILTIN_DATASETS = ("mnist", "digits", "breast-cancer")
 DATA_SUFFIXES = (".csv", ".npz")
@@ -76,11 +77,12 @@ class CompareConfig(_Strict):
     # federated rounds per arm
     rounds: int = Field(5, ge=1, le=1000)
     # the large model: a CNN for 28x28 images (an MLP for tabular data), meant for gpu-tier nodes
-    large: ArmConfig = ArmConfig(model="auto", local_epochs=2, batch_size=32, learning_rate=1e-3)
+    large: ArmConfig = ArmConfig(model="auto", local_epochs=3, batch_size=32, learning_rate=1e-3)
     # the small model: logistic regression, meant for cpu-tier nodes
-    small: ArmConfig = ArmConfig(model="logreg", local_epochs=2, batch_size=32, learning_rate=1e-2)
-    # by-tier: large on gpu-tier nodes, small on cpu-tier nodes; all-nodes: both arms on every node
-    assignment: Literal["by-tier", "all-nodes"] = "by-tier"
+    small: ArmConfig = ArmConfig(model="logreg", local_epochs=5, batch_size=32, learning_rate=1e-2)
+    # all-nodes: both arms train on every node (same data: a like-for-like comparison);
+    # by-tier: large on gpu-tier nodes, small on cpu-tier nodes (each arm sees only its nodes' data)
+    assignment: Literal["all-nodes", "by-tier"] = "all-nodes"
     # seed of partitioning, initialisation, sampling and shuffling
     seed: int = Field(0, ge=0, le=2**31 - 1)
     # central-test accuracy an arm must reach to count as good enough
@@ -91,6 +93,10 @@ class CompareConfig(_Strict):
     superlink: str = ""
     # seconds the server waits for the replies of one round
     round_timeout_s: float = Field(600.0, gt=0.0, le=86400.0)
+    # when nodes evaluate the global model on their local test split: after the final round
+    # only (one message less per node and round) or after every round; the server evaluates
+    # centrally after every round either way
+    node_evaluation: Literal["final", "every-round"] = "final"
 
     @field_validator("superlink")
     @classmethod
@@ -141,3 +147,32 @@ def resolve_store_uri(config: CompareConfig) -> str:
 def resolve_superlink(config: CompareConfig) -> str:
     """Return the SuperLink address a run uses: config, then environment, then the default."""
     return config.superlink or os.environ.get("FEDCOMPARE_SUPERLINK") or DEFAULT_SUPERLINK
+
+
+def parse_overrides(text: str) -> dict:
+    """Parse ``text`` (a JSON object of CompareConfig fields) and validate it; return the dict.
+
+    Raises:
+        ValueError: one line naming the offending field(s) and what was expected.
+    """
+    try:
+        overrides = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config is not JSON ({exc.msg} at column {exc.colno}): pass e.g. "
+                         "'{\"rounds\": 8, \"assignment\": \"by-tier\"}'") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--config must be a JSON object of CompareConfig fields, got {type(overrides).__name__}")
+    try:
+        CompareConfig.model_validate(overrides)
+    except ValidationError as exc:
+        raise ValueError(f"--config: {describe_errors(exc)}") from None
+    return overrides
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """Return a pydantic validation error as one line: ``field: problem; field: problem``."""
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "config"
+        parts.append(f"{field}: {error['msg']}")
+    return "; ".join(parts)

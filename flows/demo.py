@@ -10,8 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.report import summary_rows
+from infra.checkpoints import CheckpointError, read_manifest, report_key
 from infra.stack import DEPLOYMENT, StackSettings
-from infra.store import open_store
+from infra.store import StoreError, open_store
 
 _FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -28,13 +29,16 @@ def print_summary(report: dict, console: Console) -> None:
     console.print(table)
 
 
-async def _run(settings: StackSettings, parameters: dict, timeout_s: float, console: Console) -> tuple[str, str]:
+async def follow_flow_run(
+    settings: StackSettings, parameters: dict, timeout_s: float, console: Console
+) -> tuple[str, str]:
     """Create a flow run of the deployment and wait for a final state; return (id, state)."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     flow_run = await run_deployment(DEPLOYMENT, parameters=parameters, timeout=0)
-    console.print(f"flow run: {settings.prefect_ui}/runs/flow-run/{flow_run.id}")
+    console.print(f"flow run: {settings.prefect_ui}/runs/flow-run/{flow_run.id}", soft_wrap=True)
+    store = open_store(os.environ["FEDCOMPARE_STORE"])
     deadline = time.monotonic() + timeout_s
     state = "SCHEDULED"
     async with get_client() as client:
@@ -42,26 +46,42 @@ async def _run(settings: StackSettings, parameters: dict, timeout_s: float, cons
             while time.monotonic() < deadline:
                 current = await client.read_flow_run(flow_run.id)
                 state = current.state.type.value if current.state else "SCHEDULED"
-                spinner.update(f"flow run {current.name}: {current.state.name if current.state else state}")
+                name = current.state.name if current.state else state
+                spinner.update(f"flow run {current.name}: {name}{_rounds_done(store, str(flow_run.id))}")
                 if state in _FINAL:
                     break
                 await asyncio.sleep(2)
+    if state not in _FINAL:
+        state = f"still {state} after the --timeout of {timeout_s:.0f} s"
     return str(flow_run.id), state
 
 
-def run_demo(settings: StackSettings, *, rounds: int | None, timeout_s: float) -> int:
+def _rounds_done(store, run_key: str) -> str:
+    """Return " · large round 3 · small round 4" from the arms' manifests (empty before any round)."""
+    parts = []
+    for arm in ("large", "small"):
+        try:
+            manifest = read_manifest(store, run_key, arm)
+        except (CheckpointError, StoreError):  # progress display only: the flow reports real errors
+            manifest = None
+        if manifest:
+            parts.append(f"{arm} round {manifest['latest_complete_round']}")
+    return "".join(f" · {part}" for part in parts)
+
+
+def run_demo(settings: StackSettings, *, overrides: dict, timeout_s: float) -> int:
     """Run the deployment on the local stack and print where to watch it and its summary."""
     console = Console()
     os.environ.update({k: v for k, v in settings.env().items() if k.startswith(("PREFECT_", "FEDCOMPARE_"))})
-    parameters = {"config": {"rounds": rounds}} if rounds else {}
-    run_id, state = asyncio.run(_run(settings, parameters, timeout_s, console))
+    parameters = {"config": overrides} if overrides else {}
+    run_id, state = asyncio.run(follow_flow_run(settings, parameters, timeout_s, console))
     url = f"{settings.prefect_ui}/runs/flow-run/{run_id}"
     if state != "COMPLETED":
-        console.print(f"[red]flow run ended {state}[/]: see {url} and {settings.state_dir}/logs")
+        console.print(f"[red]flow run ended {state}[/]: see {url} and {settings.state_dir}/logs", soft_wrap=True)
         return 1
     store = open_store(os.environ["FEDCOMPARE_STORE"])
-    report = store.get_json(f"runs/{run_id}/report.json")
+    report = store.get_json(report_key(run_id))
     print_summary(report, console)
-    console.print(f"flow run: {url}")
-    console.print(f"report:   {store.uri}/runs/{run_id}/report.json")
+    console.print(f"flow run: {url}", soft_wrap=True)
+    console.print(f"report:   {store.uri}/{report_key(run_id)}", soft_wrap=True)
     return 0

@@ -39,12 +39,26 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or inconsistent; the message says which object and what to do."""
 
 
+def _check_name(what: str, value: str) -> str:
+    """Return ``value`` after checking it is one path part (non-empty, no '/', not '.' or '..')."""
+    if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
+        raise ValueError(f"expected {what} to be a non-empty name without '/', got {value!r}")
+    return value
+
+
 def _arm_prefix(run_key: str, arm: str) -> str:
     """Return ``runs/<run_key>/<arm>`` after checking both are single path parts."""
-    for what, value in (("run_key", run_key), ("arm", arm)):
-        if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
-            raise ValueError(f"expected {what} to be a non-empty name without '/', got {value!r}")
-    return f"runs/{run_key}/{arm}"
+    return f"runs/{_check_name('run_key', run_key)}/{_check_name('arm', arm)}"
+
+
+def federation_key(run_key: str) -> str:
+    """Return the key of the nodes' answers to a run's query: ``runs/<run_key>/federation.json``."""
+    return f"runs/{_check_name('run_key', run_key)}/federation.json"
+
+
+def report_key(run_key: str) -> str:
+    """Return the key of a run's report: ``runs/<run_key>/report.json``."""
+    return f"runs/{_check_name('run_key', run_key)}/report.json"
 
 
 def round_prefix(run_key: str, arm: str, round: int) -> str:

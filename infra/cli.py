@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -81,11 +82,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Start the stack if needed, run the deployment, and print the report summary."""
+    from flows.config import parse_overrides
     from flows.demo import run_demo
 
+    try:
+        overrides = parse_overrides(args.config)
+        if args.rounds is not None:
+            overrides = parse_overrides(json.dumps({**overrides, "rounds": args.rounds}))
+    except ValueError as exc:
+        raise StackError(str(exc)) from None
     settings = _settings(args)
     up(settings)
-    return run_demo(settings, rounds=args.rounds, timeout_s=args.timeout)
+    return run_demo(settings, overrides=overrides, timeout_s=args.timeout)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,6 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     stack_flags(sub)
     sub.add_argument("--rounds", type=int, help="override the number of federated rounds")
+    sub.add_argument(
+        "--config", default="",
+        help='CompareConfig fields as JSON, e.g. \'{"assignment": "by-tier", "data": {"partitioning": "iid"}}\'',
+    )
     sub.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the flow run")
     sub.set_defaults(func=_cmd_demo)
     return parser

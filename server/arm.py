@@ -16,16 +16,11 @@ from flwr.serverapp import Grid
 from clients.data import central_test, load_dataset
 from clients.models import build_model
 from clients.run_config import ArmRunConfig
-from infra.checkpoints import write_round
+from infra.checkpoints import federation_key, write_round
 from infra.store import Store
 from server.strategy import ArmGrid, RecordingFedAvg
 
 log = logging.getLogger("fedcompare.server")
-
-
-def federation_key(run_key: str) -> str:
-    """Return the store key of the federation's answers to a query."""
-    return f"runs/{run_key}/federation.json"
 
 
 def query_federation(grid: Grid, run: ArmRunConfig, store: Store) -> dict[str, Any]:
@@ -75,7 +70,8 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
     arm_grid = ArmGrid(grid, run.node_ids)
     num_nodes = len(run.node_ids) or len(list(grid.get_node_ids()))
     strategy = RecordingFedAvg(
-        min_train_nodes=num_nodes, min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes
+        min_train_nodes=num_nodes, min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes,
+        evaluate_rounds=None if run.node_evaluation == "every-round" else {run.num_rounds},
     )
     arm_config = {k: v for k, v in vars(run).items() if k not in ("mode",)}
     train_config = ConfigRecord(

@@ -1,0 +1,118 @@
+"""CompareConfig: defaults are valid, bad values are rejected with the field named."""
+
+import pytest
+from pydantic import ValidationError
+
+from clients.run_config import ArmRunConfig
+from flows.compare import _run_config, assign_nodes
+from flows.config import CompareConfig, resolve_store_uri, resolve_superlink
+
+
+def test_defaults_are_the_demo_configuration():
+    config = CompareConfig()
+
+    assert config.data.dataset == "mnist"
+    assert config.data.partitioning == "dirichlet" and config.data.dirichlet_alpha == 0.5
+    assert config.rounds >= 5
+    assert config.assignment == "all-nodes" and config.node_evaluation == "final"
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"rounds": 0}, "rounds"),
+        ({"data": {"partitioning": "random"}}, "data.partitioning"),
+        ({"data": {"dirichlet_alpha": 0}}, "data.dirichlet_alpha"),
+        ({"data": {"dataset": "imagenet"}}, "data.dataset"),
+        ({"large": {"model": "cnn", "learning_rate": -1}}, "large.learning_rate"),
+        ({"assignment": "random"}, "assignment"),
+        ({"superlink": "localhost"}, "superlink"),
+        ({"store_uri": "ftp://host/x"}, "store_uri"),
+        ({"store_uri": "s3://"}, "store_uri"),
+        ({"target_accuracy": 1.5}, "target_accuracy"),
+        ({"unknown_knob": 1}, "unknown_knob"),
+        ({"data": {"alpha": 0.3}}, "data.alpha"),
+    ],
+)
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ValidationError) as caught:
+        CompareConfig.model_validate(override)
+
+    located = {".".join(str(p) for p in error["loc"]) for error in caught.value.errors()}
+    assert field in located
+
+
+def test_arm_models_must_match_their_arm():
+    with pytest.raises(ValidationError, match="small.model: expected one of logreg, torch-logreg"):
+        CompareConfig.model_validate({"small": {"model": "cnn", "learning_rate": 0.1}})
+    with pytest.raises(ValidationError, match="large.model"):
+        CompareConfig.model_validate({"large": {"model": "logreg", "learning_rate": 0.1}})
+
+
+def test_csv_path_is_accepted_as_dataset():
+    assert CompareConfig.model_validate({"data": {"dataset": "/data/site_a.csv"}}).data.dataset.endswith(".csv")
+
+
+def test_json_schema_renders_for_the_prefect_form():
+    schema = CompareConfig.model_json_schema()
+
+    assert {"data", "rounds", "large", "small", "assignment", "seed", "store_uri", "superlink"} <= set(
+        schema["properties"]
+    )
+
+
+def test_endpoints_resolve_from_config_then_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDCOMPARE_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("FEDCOMPARE_STORE", raising=False)
+    monkeypatch.delenv("FEDCOMPARE_SUPERLINK", raising=False)
+    assert resolve_store_uri(CompareConfig()) == f"file://{tmp_path}/store"
+    assert resolve_superlink(CompareConfig()) == "127.0.0.1:8000"
+
+    monkeypatch.setenv("FEDCOMPARE_STORE", "s3://bucket/prefix")
+    monkeypatch.setenv("FEDCOMPARE_SUPERLINK", "10.0.0.5:8000")
+    assert resolve_store_uri(CompareConfig()) == "s3://bucket/prefix"
+    assert resolve_superlink(CompareConfig()) == "10.0.0.5:8000"
+    assert resolve_superlink(CompareConfig(superlink="coord:9000")) == "coord:9000"
+
+
+def test_flower_run_config_round_trips_through_the_app_parser():
+    config = CompareConfig()
+    run_config = _run_config(config, mode="train", arm="small", model="logreg", run_key="k",
+                             store_uri="file:///tmp/s", nodes=[3, 4])
+
+    parsed = ArmRunConfig.from_run_config(run_config)
+
+    assert parsed.node_ids == [3, 4]
+    assert parsed.learning_rate == config.small.learning_rate
+    assert parsed.num_rounds == config.rounds
+
+
+def test_run_config_with_unknown_key_fails_loudly():
+    run_config = _run_config(CompareConfig(), mode="train", arm="large", model="cnn", run_key="k",
+                             store_uri="file:///tmp/s", nodes=[])
+    with pytest.raises(ValueError, match="unknown keys \\['extra'\\]"):
+        ArmRunConfig.from_run_config({**run_config, "extra": 1})
+
+
+def test_by_tier_assignment_splits_nodes_and_explains_a_missing_tier():
+    nodes = [{"node_id": 1, "tier": "gpu"}, {"node_id": 2, "tier": "cpu"}, {"node_id": 3, "tier": "gpu"}]
+
+    assert assign_nodes(nodes, "by-tier") == {"large": [1, 3], "small": [2]}
+    assert assign_nodes(nodes, "all-nodes") == {"large": [1, 2, 3], "small": [1, 2, 3]}
+    with pytest.raises(ValueError, match="at least one node of tier 'cpu'.*all-nodes"):
+        assign_nodes([n for n in nodes if n["tier"] == "gpu"], "by-tier")
+
+
+def test_overrides_are_validated_into_one_line_naming_the_fields():
+    from flows.config import parse_overrides
+
+    assert parse_overrides('{"rounds": 3, "assignment": "by-tier"}') == {"rounds": 3, "assignment": "by-tier"}
+    assert parse_overrides("") == {}
+    with pytest.raises(ValueError) as caught:
+        parse_overrides('{"rounds": 0, "data": {"dirichlet_alpha": -1}}')
+    message = str(caught.value)
+    assert "\n" not in message and "rounds:" in message and "data.dirichlet_alpha:" in message
+    with pytest.raises(ValueError, match="not JSON"):
+        parse_overrides("{rounds: 3}")
+    with pytest.raises(ValueError, match="JSON object"):
+        parse_overrides("[1, 2]")

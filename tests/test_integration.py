@@ -1,0 +1,214 @@
+"""End to end: `fedcompare up` a real local stack on free ports, run the deployment, check everything.
+
+Starts a real Prefect server, work pool, worker and deployment, a Flower SuperLink and
+four SuperNodes, and runs `federated-compare/local` through the CLI a user would use
+(`fedcompare demo`): the default configuration (both arms on all four nodes) for 2 rounds,
+and the `by-tier` assignment (large on the gpu-tier nodes, small on the cpu-tier ones) for 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clients.data import central_test, load_dataset
+from clients.models import build_model
+from flows.config import CompareConfig
+from infra.checkpoints import load_latest, load_round, read_manifest, report_key
+from infra.store import open_store
+
+pytestmark = pytest.mark.integration
+FEDCOMPARE = str(Path(sys.executable).parent / "fedcompare")
+ROUNDS = 2
+
+
+def _free_port() -> int:
+    """Return a TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _free_block(size: int) -> int:
+    """Return the first port of `size` consecutive free ports."""
+    for _ in range(50):
+        base = _free_port()
+        if base + size < 65535 and all(_bindable(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("found no block of free ports")
+
+
+def _bindable(port: int) -> bool:
+    """Return whether `port` can be bound on 127.0.0.1."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _cli(state: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `fedcompare --state-dir state args…` and return what it printed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FEDCOMPARE_"))}
+    return subprocess.run([FEDCOMPARE, "--state-dir", str(state), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**env, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A running local stack on free ports; always stopped afterwards."""
+    state = tmp_path_factory.mktemp("stack")
+    ports = ["--prefect-port", str(_free_port()), "--superlink-port", str(_free_port()),
+             "--node-base-port", str(_free_block(4))]
+    try:
+        started = _cli(state, "up", *ports)
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield state
+    finally:
+        stopped = _cli(state, "down", timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+
+
+def _demo(state: Path, *args: str) -> tuple[Path, str, str]:
+    """Run `fedcompare demo args…`; return (state dir, flow run id, output)."""
+    done = _cli(state, "demo", *args, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", done.stdout).group(1)
+    return state, run_id, done.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_run(stack):
+    """The default configuration for 2 rounds."""
+    return _demo(stack, "--rounds", str(ROUNDS))
+
+
+@pytest.fixture(scope="module")
+def by_tier_run(stack):
+    """The by-tier assignment for 1 round."""
+    return _demo(stack, "--rounds", "1", "--config", '{"assignment": "by-tier"}')
+
+
+def _prefect(state: Path, coroutine_fn):
+    """Run `coroutine_fn(client)` against the stack's Prefect server."""
+    from prefect.client.orchestration import PrefectClient
+
+    settings = json.loads((state / "stack.json").read_text())
+
+    async def call():
+        async with PrefectClient(api=f"http://127.0.0.1:{settings['prefect_port']}/api") as client:
+            return await coroutine_fn(client)
+
+    return asyncio.run(call())
+
+
+def test_status_shows_every_part_running(stack):
+    shown = _cli(stack, "status")
+
+    assert shown.returncode == 0, shown.stdout
+    for part in ("prefect-server", "prefect-worker", "superlink", "supernode-0", "supernode-3"):
+        assert re.search(rf"{part}\s.*running", shown.stdout), shown.stdout
+
+
+def test_up_twice_is_idempotent(stack):
+    before = (stack / "pids" / "superlink.pid").read_text()
+
+    again = _cli(stack, "up")
+
+    assert again.returncode == 0, again.stderr
+    assert (stack / "pids" / "superlink.pid").read_text() == before
+
+
+def test_demo_prints_the_ui_address_and_the_summary(demo_run):
+    _, run_id, output = demo_run
+
+    assert f"/runs/flow-run/{run_id}" in output
+    assert "final accuracy" in output and "large" in output and "small" in output
+
+
+def test_flow_run_completed_with_report_and_progress_artifacts(demo_run):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    state, run_id, _ = demo_run
+
+    async def read(client):
+        flow_run = await client.read_flow_run(run_id)
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        )
+        return flow_run, artifacts
+
+    flow_run, artifacts = _prefect(state, read)
+
+    assert flow_run.state.type.value == "COMPLETED"
+    by_key = {a.key: a for a in artifacts if a.key}
+    assert {"federated-compare-report", "federated-compare-summary", "progress-large", "progress-small"} <= set(by_key)
+    assert "## Summary" in by_key["federated-compare-report"].data
+    assert float(by_key["progress-large"].data) == 100.0
+    assert float(by_key["progress-small"].data) == 100.0
+
+
+def test_store_holds_every_round_of_both_arms_and_the_report_matches_the_checkpoint(demo_run):
+    state, run_id, _ = demo_run
+    store = open_store(f"file://{state}/store")
+    report = store.get_json(report_key(run_id))
+    config = CompareConfig.model_validate(report["config"])
+    dataset = load_dataset(config.data.dataset)
+    test = central_test(dataset, central_test_fraction=config.data.central_test_fraction, seed=config.seed)
+
+    for arm in ("large", "small"):
+        manifest = read_manifest(store, run_id, arm)
+        assert manifest["latest_complete_round"] == ROUNDS
+        for number in range(1, ROUNDS + 1):
+            arrays, metrics = load_round(store, run_id, arm, number)  # verifies every sha256
+            assert metrics["round"] == number and len(metrics["nodes"]) == 4
+        _, final, _ = load_latest(store, run_id, arm)
+        summary = report["arms"][arm]
+        model = build_model(summary["model"], input_shape=dataset.input_shape,
+                            num_classes=dataset.num_classes, seed=0, device="cpu")
+        model.set_arrays(final)
+
+        accuracy = model.evaluate(test, batch_size=256)["accuracy"]
+
+        assert accuracy == pytest.approx(summary["final_accuracy"], abs=1e-9)
+        assert summary["reference"]["accuracy"] > 0.5
+        assert summary["parameters"] == sum(a.size for a in final.values())
+    assert report["arms"]["large"]["parameters"] >= 1_000_000
+    assert report["arms"]["large"]["nodes"] == report["arms"]["small"]["nodes"]  # all-nodes
+
+
+def test_by_tier_trains_large_on_gpu_nodes_and_small_on_cpu_nodes(by_tier_run):
+    state, run_id, _ = by_tier_run
+    store = open_store(f"file://{state}/store")
+    report = store.get_json(report_key(run_id))
+    tiers = {node["node_id"]: node["tier"] for node in report["federation"]["nodes"]}
+
+    assert report["config"]["assignment"] == "by-tier"
+    for arm, tier in (("large", "gpu"), ("small", "cpu")):
+        nodes = report["arms"][arm]["nodes"]
+        assert len(nodes) == 2 and {tiers[n] for n in nodes} == {tier}
+        _, metrics = load_round(store, run_id, arm, 1)
+        assert sorted(n["node_id"] for n in metrics["nodes"]) == sorted(nodes)
+
+
+def test_up_on_a_port_in_use_fails_in_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+
+        failed = _cli(tmp_path, "up", "--prefect-port", str(port))
+
+    assert failed.returncode == 1
+    assert failed.stderr.strip().count("\n") == 0, failed.stderr
+    assert f"port {port}" in failed.stderr and "in use" in failed.stderr
+    assert "Traceback" not in failed.stderr
