@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -101,7 +103,9 @@ def train(msg: Message, context: Context) -> Message:
         seed=run.seed + int(config["server-round"]),
     )
     arrays = ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in model.get_arrays().items()))
-    reply = MetricRecord({"num-examples": len(train_set.y), **_floats(metrics, "num_examples")})
+    reply = MetricRecord(
+        {"num-examples": len(train_set.y), **_floats(metrics, "num_examples"), **_resources(model.device)}
+    )
     return Message(RecordDict({"arrays": arrays, "metrics": reply}), reply_to=msg)
 
 
@@ -110,9 +114,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the node's local test split."""
     run, train_set, test_set = _local_data(context)
     model = _model(run, context, train_set, msg.content["arrays"])
+    wall, cpu = time.perf_counter(), time.process_time()
     metrics = model.evaluate(test_set, batch_size=run.batch_size)
-    reply = MetricRecord({"num-examples": len(test_set.y), **_floats(metrics, "num_examples")})
+    timing = {"evaluate-seconds": time.perf_counter() - wall, "evaluate-cpu-seconds": time.process_time() - cpu}
+    reply = MetricRecord(
+        {"num-examples": len(test_set.y), **_floats(metrics, "num_examples"), **timing, **_resources(model.device)}
+    )
     return Message(RecordDict({"metrics": reply}), reply_to=msg)
+
+
+def _resources(device: str) -> dict[str, float]:
+    """Return where this process computed (on-gpu 1/0) and its peak resident memory in MB."""
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"on-gpu": float(device.startswith("cuda")), "peak-rss-mb": peak_kib / 1024.0}
 
 
 def _floats(metrics: dict[str, float], *skip: str) -> dict[str, float]:

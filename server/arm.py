@@ -85,7 +85,9 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
             return None
         named = _from_record(arrays)
         model.set_arrays(named)
+        evaluated = time.perf_counter()
         central = model.evaluate(test, batch_size=max(run.batch_size, 256))
+        central_seconds = time.perf_counter() - evaluated
         record = strategy.rounds[server_round]
         metrics = {
             "round": server_round,
@@ -102,6 +104,7 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
             "bytes_up": record.bytes_up,
             "round_seconds": time.time() - record.started,
             "aggregate_seconds": record.aggregate_seconds,
+            "central_evaluate_seconds": central_seconds,
             "finished_at": _now(),
         }
         write_round(store, run.run_key, run.arm, server_round, named, metrics, arm_config)

@@ -111,8 +111,12 @@ class RecordingFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Keep each node's training metrics, then average as FedAvg does."""
-        replies = list(replies)
+        """Keep each node's training metrics, then average as FedAvg does.
+
+        Replies are averaged in node-id order, not arrival order: floating-point sums
+        depend on the order, and a seeded run should give the same model every time.
+        """
+        replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
         log = self.rounds[server_round]
         log.trained = time.time()
         for reply in replies:
