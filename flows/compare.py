@@ -22,8 +22,11 @@ from clients.data import load_dataset
 from clients.models import resolve_large_model
 from flows.config import BUILTIN_DATASETS, CompareConfig, resolve_store_uri, resolve_superlink
 from flows.flower import FlowerError, run_log, run_status, stop_run, submit_run
+from flows.plots import data_uri, report_plots
 from flows.report import build_report, model_size, render_markdown, summarize_arm, summary_rows
-from infra.checkpoints import federation_key, load_latest, read_manifest, report_key, round_metrics
+from infra.checkpoints import (
+    federation_key, load_latest, plot_key, read_manifest, report_key, round_metrics,
+)
 from infra.store import open_store
 
 ARMS = ("large", "small")
@@ -232,14 +235,18 @@ def publish_report(config: CompareConfig, run_key: str, store_uri: str, federati
             **summarize_arm(
                 arm, round_metrics(store, run_key, arm), nodes=assignment[arm], parameters=parameters,
                 model_bytes=model_bytes, wall_seconds=result["wall_seconds"], reference=references.get(arm),
-                target_accuracy=config.target_accuracy,
+                target_accuracy=config.target_accuracy, cost=config.cost,
             ),
             "flower_run_id": result["flower_run_id"],
         }
     report = build_report(run_key=run_key, config=config.model_dump(mode="json"), federation=federation,
                           arms=summaries, target_accuracy=config.target_accuracy, versions=_versions())
     store.put_json(report_key(run_key), report)
-    create_markdown_artifact(render_markdown(report), key="federated-compare-report",
+    images = {}
+    for name, caption, png in report_plots(report):
+        store.put_bytes(plot_key(run_key, name), png)
+        images[caption] = data_uri(png)
+    create_markdown_artifact(render_markdown(report, images), key="federated-compare-report",
                              description="federated-compare: large vs small model")
     create_table_artifact(summary_rows(report), key="federated-compare-summary",
                           description="per-arm summary of the comparison")

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flows.decision import CostModel
+
 BUILTIN_DATASETS = ("mnist", "digits", "breast-cancer")
 DATA_SUFFIXES = (".csv", ".npz")
 DEFAULT_SUPERLINK = "127.0.0.1:8000"
@@ -97,6 +99,8 @@ class CompareConfig(_Strict):
     # only (one message less per node and round) or after every round; the server evaluates
     # centrally after every round either way
     node_evaluation: Literal["final", "every-round"] = "final"
+    # the price table that turns measured seconds and bytes into dollars, energy and CO2
+    cost: CostModel = CostModel()
 
     @field_validator("superlink")
     @classmethod

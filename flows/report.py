@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
-REPORT_VERSION = 1
+from flows.decision import CostModel, recommend, round_costs, time_to_target
+
+REPORT_VERSION = 2  # 2: cost, time to target, recommendation
 
 
 def model_size(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -20,6 +22,29 @@ def first_round_reaching(rounds: list[dict], target: float) -> int | None:
     return next((r["round"] for r in rounds if r["central"]["accuracy"] >= target), None)
 
 
+def round_resources(round_metrics: dict) -> dict[str, float]:
+    """Return the resources one round used, as the price table bills them.
+
+    ``cpu_seconds``: CPU process time of training and evaluation on CPU nodes;
+    ``gpu_seconds``: wall time of training and evaluation on GPU nodes (the GPU is held
+    throughout); ``server_seconds``: the server's aggregation and central evaluation;
+    ``peak_rss_mb``: the largest ClientApp process of the round.
+    """
+    cpu = gpu = 0.0
+    peak = 0.0
+    for node in round_metrics["nodes"]:
+        for phase, reply in (("train", node["train"]), ("evaluate", node["evaluate"])):
+            if not reply:
+                continue
+            if reply.get("on-gpu", 0.0):
+                gpu += reply.get(f"{phase}-seconds", 0.0)
+            else:
+                cpu += reply.get(f"{phase}-cpu-seconds", 0.0)
+            peak = max(peak, reply.get("peak-rss-mb", 0.0))
+    server = round_metrics.get("aggregate_seconds", 0.0) + round_metrics.get("central_evaluate_seconds", 0.0)
+    return {"cpu_seconds": cpu, "gpu_seconds": gpu, "server_seconds": server, "peak_rss_mb": peak}
+
+
 def summarize_arm(
     arm: str,
     rounds: list[dict],
@@ -30,8 +55,12 @@ def summarize_arm(
     wall_seconds: float,
     reference: dict[str, float] | None,
     target_accuracy: float,
+    cost: CostModel | None = None,
 ) -> dict[str, Any]:
-    """Summarize one arm's rounds: accuracy, F1, size, traffic, time and the gap to the reference."""
+    """Summarize one arm's rounds: accuracy, F1, size, traffic, time, cost and the gap to the reference.
+
+    ``cost`` prices the measured resources (the default price table when None).
+    """
     if not rounds:
         raise ValueError(f"arm {arm!r} has no complete round in the store; nothing to report")
     final = rounds[-1]
@@ -75,10 +104,18 @@ def summarize_arm(
                 "slowest_client_train_seconds": max(
                     (n["train"].get("train-seconds", 0.0) for n in r["nodes"]), default=0.0
                 ),
+                **round_resources(r),
             }
             for r in rounds
         ],
     }
+    costed = round_costs(summary["per_round"], cost or CostModel())
+    summary["per_round"] = costed
+    summary["time_to_target"] = time_to_target(costed, target_accuracy)
+    summary["total_usd"] = costed[-1]["cum_usd"]
+    summary["total_kwh"] = costed[-1]["cum_kwh"]
+    summary["total_kg_co2"] = costed[-1]["cum_kg_co2"]
+    summary["peak_rss_mb"] = max(r["peak_rss_mb"] for r in costed)
     return summary
 
 
@@ -91,7 +128,7 @@ def build_report(
     target_accuracy: float,
     versions: dict[str, str],
 ) -> dict[str, Any]:
-    """Assemble the self-describing report: config, federation, per-arm summaries."""
+    """Assemble the self-describing report: config, federation, per-arm summaries, the recommendation."""
     return {
         "report_version": REPORT_VERSION,
         "run_key": run_key,
@@ -101,6 +138,7 @@ def build_report(
         "target_accuracy": target_accuracy,
         "federation": federation,
         "arms": arms,
+        "recommendation": recommend(arms, target_accuracy),
     }
 
 
@@ -126,9 +164,18 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "central reference": round(reference["accuracy"], 4) if reference else None,
                 "gap to reference": round(s["gap_to_reference"], 4) if s["gap_to_reference"] is not None else None,
                 "round reaching target": s["first_round_reaching_target"],
+                "$ to target": _round_or_none(s["time_to_target"]["usd"], 6),
+                "$ total": round(s["total_usd"], 6),
+                "kWh total": round(s["total_kwh"], 6),
+                "peak node MB": round(s["peak_rss_mb"], 1),
             }
         )
     return rows
+
+
+def _round_or_none(value: float | None, digits: int) -> float | None:
+    """Round ``value`` unless it is None."""
+    return None if value is None else round(value, digits)
 
 
 def _cell(value: Any) -> str:
@@ -150,14 +197,25 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """Render the report as markdown for a Prefect artifact."""
+_ROUND_COLUMNS = ("round", "accuracy", "macro_f1", "nodes", "bytes", "seconds", "cpu_seconds", "gpu_seconds",
+                  "server_seconds", "usd", "cum_usd", "kwh", "cum_kg_co2")
+
+
+def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None) -> str:
+    """Render the report as markdown for a Prefect artifact; ``images`` maps a caption to an image URL."""
     target = report["target_accuracy"]
+    recommendation = report["recommendation"]
+    cost = report["config"].get("cost") or CostModel().model_dump()
     parts = [
         "# federated-compare report",
         f"Run `{report['run_key']}` · dataset **{report['config']['data']['dataset']}** · "
         f"partitioning {report['config']['data']['partitioning']} · assignment {report['config']['assignment']} · "
         f"target accuracy {target}",
+        "",
+        "## Recommendation",
+        f"**{recommendation['text']}**",
+        "",
+        *(f"- {change}" for change in recommendation["what_would_change"]),
         "",
         "## Summary",
         _table(summary_rows(report)),
@@ -166,9 +224,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         "(a non-federated upper bound, possible only because this dataset is shared); the *gap* is "
         "reference minus final federated accuracy. *Client train s* sums the nodes' local training wall time.",
         "",
+        "Cost applies the price table to what was measured: CPU process seconds of the nodes' training "
+        "and evaluation on CPU nodes and of the server's aggregation and evaluation, at "
+        f"${cost['cpu_hour_usd']}/CPU-hour; wall seconds on GPU nodes at ${cost['gpu_hour_usd']}/GPU-hour; "
+        f"bytes of the serialized arrays sent and received at ${cost['gb_transfer_usd']}/GB. Energy is "
+        f"estimated as {cost['cpu_watts']} W per busy CPU core and {cost['gpu_watts']} W per busy GPU "
+        f"(PUE {cost['pue']}), emissions at {cost['kg_co2_per_kwh']} kg CO2/kWh "
+        "(`CompareConfig.cost`; sources in `flows/decision.py`).",
+        "",
     ]
+    for caption, url in (images or {}).items():
+        parts += [f"![{caption}]({url})", ""]
     for arm, s in report["arms"].items():
-        parts += [f"## {arm}: {s['model']} on nodes {', '.join(map(str, s['nodes']))}", _table(s["per_round"])]
+        rows = [{k: r.get(k) for k in _ROUND_COLUMNS} for r in s["per_round"]]
+        parts += [f"## {arm}: {s['model']} on nodes {', '.join(map(str, s['nodes']))}", _table(rows)]
         if s["dropped"]:
             parts += ["Dropped replies:", _table(s["dropped"])]
     nodes = [

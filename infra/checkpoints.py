@@ -61,6 +61,11 @@ def report_key(run_key: str) -> str:
     return f"runs/{_check_name('run_key', run_key)}/report.json"
 
 
+def plot_key(run_key: str, name: str) -> str:
+    """Return the key of one of a run's report plots: ``runs/<run_key>/plots/<name>.png``."""
+    return f"runs/{_check_name('run_key', run_key)}/plots/{_check_name('name', name)}.png"
+
+
 def round_prefix(run_key: str, arm: str, round: int) -> str:
     """Return the key prefix of one round, e.g. ``runs/<run_key>/<arm>/round-0007``.
 

@@ -3,7 +3,10 @@
 import numpy as np
 import pytest
 
-from flows.report import first_round_reaching, model_size, render_markdown, summarize_arm, summary_rows
+from flows.decision import CostModel
+from flows.report import (
+    build_report, first_round_reaching, model_size, render_markdown, summarize_arm, summary_rows,
+)
 
 
 def _round(number, accuracy, train_seconds=(1.0, 2.0)):
@@ -53,12 +56,60 @@ def test_markdown_and_rows_show_every_arm():
                            reference=None, target_accuracy=0.9)
         for arm, acc in (("large", 0.95), ("small", 0.85))
     }
-    report = {"run_key": "k", "target_accuracy": 0.9, "arms": arms, "federation": {"nodes": []},
-              "config": {"data": {"dataset": "mnist", "partitioning": "iid"}, "assignment": "by-tier"}}
+    report = build_report(
+        run_key="k", target_accuracy=0.9, arms=arms, federation={"nodes": []}, versions={},
+        config={"data": {"dataset": "mnist", "partitioning": "iid"}, "assignment": "by-tier"},
+    )
 
     rows = summary_rows(report)
-    markdown = render_markdown(report)
+    markdown = render_markdown(report, images={"accuracy per round": "data:image/png;base64,AAAA"})
 
     assert [r["arm"] for r in rows] == ["large", "small"]
     assert rows[0]["round reaching target"] == 1 and rows[1]["round reaching target"] is None
     assert "| large | cnn |" in markdown and "## small" in markdown
+    assert report["recommendation"]["choice"] == "large"  # the only arm reaching 0.9
+    assert report["recommendation"]["text"] in markdown
+    assert "![accuracy per round](data:image/png;base64,AAAA)" in markdown
+
+
+def test_cost_is_the_price_table_applied_to_the_measured_resources():
+    rounds = [_round(1, 0.8), _round(2, 0.9)]
+    for r in rounds:
+        r["aggregate_seconds"], r["central_evaluate_seconds"] = 0.5, 1.5
+        r["nodes"][0]["train"]["on-gpu"] = 1.0  # node 0 trains on a GPU: billed by wall time
+        r["nodes"][1]["evaluate"] = {"evaluate-seconds": 0.4, "evaluate-cpu-seconds": 0.3, "peak-rss-mb": 900.0}
+    cost = CostModel(cpu_hour_usd=3.6, gpu_hour_usd=36.0, gb_transfer_usd=1e9 / 150, cpu_watts=100.0,
+                     gpu_watts=1000.0, kg_co2_per_kwh=2.0)
+
+    summary = summarize_arm("large", rounds, nodes=[0, 1], parameters=1, model_bytes=4, wall_seconds=1.0,
+                            reference=None, target_accuracy=0.9, cost=cost)
+
+    first = summary["per_round"][0]
+    # node 1: train CPU 1.0 s + evaluate CPU 0.3 s; server 0.5 + 1.5 s; node 0: GPU wall 1.0 s; 150 bytes
+    assert (first["cpu_seconds"], first["gpu_seconds"], first["server_seconds"]) == pytest.approx((1.3, 1.0, 2.0))
+    assert first["usd"] == pytest.approx(3.3 * 3.6 / 3600 + 1.0 * 36.0 / 3600 + 1.0)
+    assert first["kwh"] == pytest.approx((3.3 * 100.0 + 1.0 * 1000.0) / 3.6e6)
+    assert summary["total_usd"] == pytest.approx(2 * first["usd"])
+    assert summary["total_kg_co2"] == pytest.approx(2 * 2.0 * first["kwh"])
+    assert summary["time_to_target"]["round"] == 2
+    assert summary["time_to_target"]["usd"] == pytest.approx(summary["per_round"][1]["cum_usd"])
+    assert summary["peak_rss_mb"] == 900.0
+
+
+def test_plots_are_png_images_of_every_arm():
+    from flows.plots import report_plots
+
+    arms = {
+        arm: summarize_arm(arm, [_round(1, acc), _round(2, acc + 0.02)], nodes=[1], parameters=5, model_bytes=20,
+                           wall_seconds=1.0, reference={"accuracy": acc + 0.05}, target_accuracy=0.9)
+        for arm, acc in (("large", 0.92), ("small", 0.82))
+    }
+    report = build_report(run_key="k", target_accuracy=0.9, arms=arms, federation={"nodes": []}, versions={},
+                          config={"data": {"dataset": "mnist", "partitioning": "iid"}, "assignment": "all-nodes"})
+
+    plots = report_plots(report)
+
+    assert [name for name, _, _ in plots] == ["accuracy", "cost"]
+    for _, _, png in plots:
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
+    assert report_plots(report)[0][2] == plots[0][2]  # deterministic bytes for the same report

@@ -1,0 +1,93 @@
+"""The report's plots as PNG bytes (matplotlib, no display; no Prefect or Flower import).
+
+Each function takes the report's plain values and returns the bytes of one PNG, so the
+flow can store them next to ``report.json`` and embed them in the markdown artifact.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+_DPI = 110
+_SIZE = (6.4, 3.8)  # inches: readable in the Prefect UI's artifact pane and in an HTML page
+_COLORS = {"large": "#1f77b4", "small": "#ff7f0e"}
+
+
+def _figure():
+    """Return a new (figure, axes) on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    return plt.subplots(figsize=_SIZE, dpi=_DPI)
+
+
+def _png(fig) -> bytes:
+    """Render ``fig`` to PNG bytes and release it."""
+    from matplotlib import pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", metadata={"Software": None})  # no version stamp: same plot, same bytes
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _color(arm: str, index: int) -> str:
+    """Return the arm's colour (a fixed one for large/small, a cycle colour otherwise)."""
+    return _COLORS.get(arm, f"C{index + 2}")
+
+
+def accuracy_per_round(arms: dict[str, dict[str, Any]], target: float) -> bytes:
+    """Plot central-test accuracy per round for every arm, its centralized reference and the target."""
+    fig, ax = _figure()
+    for index, (arm, summary) in enumerate(arms.items()):
+        color = _color(arm, index)
+        rounds = [r["round"] for r in summary["per_round"]]
+        accuracy = [r["accuracy"] for r in summary["per_round"]]
+        ax.plot(rounds, accuracy, marker="o", color=color, label=f"{arm} ({summary['model']}), federated")
+        reference = summary.get("reference")
+        if reference:
+            ax.axhline(reference["accuracy"], color=color, linestyle="--", linewidth=1,
+                       label=f"{arm} centralized reference")
+    ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (central test set)")
+    ax.set_title("Accuracy per round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
+    return _png(fig)
+
+
+def accuracy_vs_cost(arms: dict[str, list[dict[str, Any]]], target: float, *, currency: str = "$") -> bytes:
+    """Plot accuracy against cumulative cost (``cum_usd`` of each round row) for every arm."""
+    fig, ax = _figure()
+    for index, (arm, rows) in enumerate(arms.items()):
+        ax.plot([r["cum_usd"] for r in rows], [r["accuracy"] for r in rows], marker="o",
+                color=_color(arm, index), label=arm)
+    ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
+    ax.set_xlabel(f"cumulative cost ({currency}, price table applied to measured resources)")
+    ax.set_ylabel("accuracy (central test set)")
+    ax.set_title("Accuracy against cost")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
+    return _png(fig)
+
+
+def report_plots(report: dict[str, Any]) -> list[tuple[str, str, bytes]]:
+    """Return the report's plots as (file stem, caption, PNG bytes)."""
+    target = report["target_accuracy"]
+    return [
+        ("accuracy", "Accuracy per round", accuracy_per_round(report["arms"], target)),
+        ("cost", "Accuracy against cost",
+         accuracy_vs_cost({arm: s["per_round"] for arm, s in report["arms"].items()}, target)),
+    ]
+
+
+def data_uri(png: bytes) -> str:
+    """Return ``png`` as a data: URI for markdown or HTML ``<img>`` tags."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
