@@ -7,26 +7,13 @@ import os
 import time
 
 from rich.console import Console
-from rich.table import Table
 
-from flows.report import summary_rows
+from flows.export import print_summary
 from infra.checkpoints import CheckpointError, read_manifest, report_key
 from infra.stack import DEPLOYMENT, StackSettings
 from infra.store import StoreError, open_store
 
 _FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def print_summary(report: dict, console: Console) -> None:
-    """Print the report's per-arm summary as a table with one column per arm."""
-    rows = summary_rows(report)
-    table = Table(title=f"federated-compare {report['run_key']}")
-    table.add_column("")
-    for row in rows:
-        table.add_column(str(row["arm"]), justify="right")
-    for metric in list(rows[0])[1:]:
-        table.add_row(metric, *("—" if row[metric] is None else str(row[metric]) for row in rows))
-    console.print(table)
 
 
 async def follow_flow_run(

@@ -96,6 +96,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(settings, overrides=overrides, timeout_s=args.timeout)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Print a stored report's summary and write the exports asked for."""
+    from rich.console import Console
+
+    from flows.config import CompareConfig, resolve_store_uri
+    from flows.export import find_report, print_summary, to_csv, to_html, to_json
+    from infra.store import StoreError, open_store
+
+    if args.store:
+        uri = args.store
+    else:
+        os.environ.setdefault("FEDCOMPARE_STATE_DIR", str(_state_dir(args)))
+        uri = resolve_store_uri(CompareConfig())
+    try:
+        report = find_report(open_store(uri), args.run)
+    except (LookupError, StoreError) as exc:
+        raise StackError(str(exc)) from None
+    console = Console()
+    print_summary(report, console)
+    for path, render in ((args.json, to_json), (args.csv, to_csv), (args.html, to_html)):
+        if path:
+            target = Path(path)
+            partial = target.with_name(target.name + ".partial")
+            try:
+                partial.write_text(render(report), encoding="utf-8")
+                partial.replace(target)  # never leave a half-written export behind
+            except OSError as exc:
+                partial.unlink(missing_ok=True)
+                raise StackError(f"cannot write {target}: {exc.strerror}; choose a writable path") from None
+            console.print(f"wrote {target}", soft_wrap=True)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     """Build the argument parser of `fedcompare`."""
     parser = argparse.ArgumentParser(
@@ -134,6 +167,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the flow run")
     sub.set_defaults(func=_cmd_demo)
+    sub = commands.add_parser("report", help="print a stored report and export it as JSON, CSV or HTML")
+    sub.add_argument("run", help="flow-run id (the run key) of a federated-compare run, or `latest`")
+    sub.add_argument("--store", help="store URI (default: $FEDCOMPARE_STORE or <state dir>/store)")
+    sub.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    sub.add_argument("--csv", metavar="FILE", help="write the per-arm, per-round table as CSV")
+    sub.add_argument("--html", metavar="FILE", help="write a self-contained HTML page with the plots")
+    sub.set_defaults(func=_cmd_report)
     return parser
 
 
