@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -212,3 +213,46 @@ def test_up_on_a_port_in_use_fails_in_one_line(tmp_path):
     assert failed.stderr.strip().count("\n") == 0, failed.stderr
     assert f"port {port}" in failed.stderr and "in use" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
+    """Run headless Chromium with the flags this closed network needs."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--window-size=1400,2600", "--virtual-time-budget=20000"]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (`apt-get install chromium`; .ci/run installs it)")
+def test_prefect_ui_shows_the_report_and_its_plots_in_a_real_browser(demo_run, tmp_path):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    state, run_id, _ = demo_run
+    port = json.loads((state / "stack.json").read_text())["prefect_port"]
+
+    async def read(client):
+        return await client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]), key=ArtifactFilterKey(any_=["federated-compare-report"])
+        ))
+
+    (artifact,) = _prefect(state, read)
+    url = f"http://127.0.0.1:{port}/artifacts/artifact/{artifact.id}"
+    shots = Path(os.environ.get("FEDCOMPARE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / ".test-artifacts"))
+    shots.mkdir(parents=True, exist_ok=True)
+    screenshot = shots / "prefect-ui-report.png"
+    screenshot.unlink(missing_ok=True)
+
+    dom = _chromium("--dump-dom", url, profile=tmp_path / "dom")
+    shot = _chromium(f"--screenshot={screenshot}", url, profile=tmp_path / "shot")
+
+    report = open_store(f"file://{state}/store").get_json(report_key(run_id))
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "federated-compare report" in dom.stdout
+    assert report["recommendation"]["text"].split(":")[0] in dom.stdout
+    images = re.findall(r'<img[^>]+src="(data:image/png;base64,[^"]+)"', dom.stdout)
+    assert len(images) == 2, "both plots are rendered as images in the artifact page"
+    assert shot.returncode == 0 and screenshot.stat().st_size > 20_000, shot.stderr[-2000:]
+    print(f"screenshot of the report in the Prefect UI: {screenshot}")
