@@ -72,16 +72,21 @@ def _check_round_order(per_round: list[dict]) -> None:
             )
 
 
-def _round_cost(row: dict, cost: CostModel) -> dict[str, float]:
-    """Return the usd, kwh and kg_co2 of one validated round."""
-    cpu_seconds = row["cpu_seconds"] + row["server_seconds"]
+def price(*, cpu_seconds: float, gpu_seconds: float, bytes: int, cost: CostModel) -> dict[str, float]:
+    """Return the usd, kwh and kg_co2 of some CPU seconds, GPU seconds and bytes transferred."""
     usd = (
         cpu_seconds / 3600 * cost.cpu_hour_usd
-        + row["gpu_seconds"] / 3600 * cost.gpu_hour_usd
-        + row["bytes"] / 1e9 * cost.gb_transfer_usd
+        + gpu_seconds / 3600 * cost.gpu_hour_usd
+        + bytes / 1e9 * cost.gb_transfer_usd
     )
-    kwh = (cpu_seconds * cost.cpu_watts + row["gpu_seconds"] * cost.gpu_watts) / 3.6e6 * cost.pue
+    kwh = (cpu_seconds * cost.cpu_watts + gpu_seconds * cost.gpu_watts) / 3.6e6 * cost.pue
     return {"usd": usd, "kwh": kwh, "kg_co2": kwh * cost.kg_co2_per_kwh}
+
+
+def _round_cost(row: dict, cost: CostModel) -> dict[str, float]:
+    """Return the usd, kwh and kg_co2 of one validated round (the server is billed as CPU)."""
+    return price(cpu_seconds=row["cpu_seconds"] + row["server_seconds"], gpu_seconds=row["gpu_seconds"],
+                 bytes=row["bytes"], cost=cost)
 
 
 def round_costs(per_round: list[dict], cost: CostModel) -> list[dict]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from flows.decision import CostModel, recommend, round_costs, time_to_target
+from flows.decision import CostModel, price, recommend, round_costs, time_to_target
 
 REPORT_VERSION = 2  # 2: cost, time to target, recommendation
 
@@ -43,6 +43,35 @@ def round_resources(round_metrics: dict) -> dict[str, float]:
             peak = max(peak, reply.get("peak-rss-mb", 0.0))
     server = round_metrics.get("aggregate_seconds", 0.0) + round_metrics.get("central_evaluate_seconds", 0.0)
     return {"cpu_seconds": cpu, "gpu_seconds": gpu, "server_seconds": server, "peak_rss_mb": peak}
+
+
+def node_costs(rounds: list[dict], cost: CostModel) -> list[dict[str, Any]]:
+    """Return one row per node: its measured resources over all rounds and what they cost."""
+    nodes: dict[int, dict[str, Any]] = {}
+    for r in rounds:
+        for n in r["nodes"]:
+            row = nodes.setdefault(n["node_id"], {
+                "node_id": n["node_id"], "rounds": 0, "on_gpu": False, "train_seconds": 0.0,
+                "train_cpu_seconds": 0.0, "evaluate_seconds": 0.0, "evaluate_cpu_seconds": 0.0,
+                "peak_rss_mb": 0.0, "bytes_down": 0, "bytes_up": 0,
+            })
+            train, evaluate = n["train"], n["evaluate"]
+            row["rounds"] += 1 if train else 0
+            row["on_gpu"] = row["on_gpu"] or bool(train.get("on-gpu") or evaluate.get("on-gpu"))
+            row["train_seconds"] += train.get("train-seconds", 0.0)
+            row["train_cpu_seconds"] += train.get("train-cpu-seconds", 0.0)
+            row["evaluate_seconds"] += evaluate.get("evaluate-seconds", 0.0)
+            row["evaluate_cpu_seconds"] += evaluate.get("evaluate-cpu-seconds", 0.0)
+            row["peak_rss_mb"] = max(row["peak_rss_mb"], train.get("peak-rss-mb", 0.0),
+                                     evaluate.get("peak-rss-mb", 0.0))
+            row["bytes_down"] += n.get("bytes", {}).get("down", 0)
+            row["bytes_up"] += n.get("bytes", {}).get("up", 0)
+    for row in nodes.values():
+        busy = row["train_seconds"] + row["evaluate_seconds"]
+        cpu = row["train_cpu_seconds"] + row["evaluate_cpu_seconds"]
+        row.update(price(cpu_seconds=0.0 if row["on_gpu"] else cpu, gpu_seconds=busy if row["on_gpu"] else 0.0,
+                         bytes=row["bytes_down"] + row["bytes_up"], cost=cost))
+    return [nodes[node] for node in sorted(nodes)]
 
 
 def summarize_arm(
@@ -116,6 +145,7 @@ def summarize_arm(
     summary["total_kwh"] = costed[-1]["cum_kwh"]
     summary["total_kg_co2"] = costed[-1]["cum_kg_co2"]
     summary["peak_rss_mb"] = max(r["peak_rss_mb"] for r in costed)
+    summary["per_node"] = node_costs(rounds, cost or CostModel())
     return summary
 
 
@@ -237,7 +267,8 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
         parts += [f"![{caption}]({url})", ""]
     for arm, s in report["arms"].items():
         rows = [{k: r.get(k) for k in _ROUND_COLUMNS} for r in s["per_round"]]
-        parts += [f"## {arm}: {s['model']} on nodes {', '.join(map(str, s['nodes']))}", _table(rows)]
+        parts += [f"## {arm}: {s['model']} on nodes {', '.join(map(str, s['nodes']))}", _table(rows),
+                  f"Per node ({arm}), over all rounds:", _table(s["per_node"])]
         if s["dropped"]:
             parts += ["Dropped replies:", _table(s["dropped"])]
     nodes = [

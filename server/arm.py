@@ -96,7 +96,8 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
             "central": {k: float(v) for k, v in central.items()},
             "federated": _weighted(record.evaluate),
             "nodes": [
-                {"node_id": node, "train": record.train.get(node, {}), "evaluate": record.evaluate.get(node, {})}
+                {"node_id": node, "train": record.train.get(node, {}), "evaluate": record.evaluate.get(node, {}),
+                 "bytes": record.node_bytes.get(node, {"down": 0, "up": 0})}
                 for node in sorted(set(record.train) | set(record.evaluate))
             ],
             "failures": record.failures,

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 # Polling every 0.25 s costs one small local HTTP request per poll.
 REPLY_POLL_S = 0.25
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 
 class ArmGrid(Grid):
@@ -71,6 +72,15 @@ class ArmGrid(Grid):
         return replies
 
 
+def serialized_bytes(content: RecordDict) -> int:
+    """Return the bytes Flower sends for a message's content: every nested object, serialized.
+
+    Flower ships a message as a tree of serialized objects (records, arrays, ...); this is
+    the sum of their serialized sizes, the payload on the wire before transport framing.
+    """
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
 @dataclass
 class RoundLog:
     """What happened in one round, as seen by the server."""
@@ -80,9 +90,19 @@ class RoundLog:
     aggregate_seconds: float = 0.0
     bytes_down: int = 0
     bytes_up: int = 0
+    node_bytes: dict[int, dict[str, int]] = field(default_factory=dict)  # node -> {"down": n, "up": n}
     train: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
     failures: list[dict[str, object]] = field(default_factory=list)
+
+    def count(self, node: int, direction: str, size: int) -> None:
+        """Add ``size`` bytes sent to ("down") or received from ("up") ``node``."""
+        per_node = self.node_bytes.setdefault(node, {"down": 0, "up": 0})
+        per_node[direction] += size
+        if direction == "down":
+            self.bytes_down += size
+        else:
+            self.bytes_up += size
 
 
 class RecordingFedAvg(FedAvg):
@@ -105,7 +125,8 @@ class RecordingFedAvg(FedAvg):
         log = self.rounds.setdefault(server_round, RoundLog())
         log.started = time.time()
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        log.bytes_down += arrays.count_bytes() * len(messages)
+        for message in messages:
+            log.count(message.metadata.dst_node_id, "down", serialized_bytes(message.content))
         return messages
 
     def aggregate_train(
@@ -125,7 +146,7 @@ class RecordingFedAvg(FedAvg):
                 log.failures.append({"node_id": node, "phase": "train", "reason": reply.error.reason})
                 continue
             log.train[node] = dict(reply.content["metrics"])
-            log.bytes_up += reply.content["arrays"].count_bytes()
+            log.count(node, "up", serialized_bytes(reply.content))
         started = time.perf_counter()
         result = super().aggregate_train(server_round, replies)
         log.aggregate_seconds = time.perf_counter() - started
@@ -138,7 +159,9 @@ class RecordingFedAvg(FedAvg):
         if self.evaluate_rounds is not None and server_round not in self.evaluate_rounds:
             return []
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self.rounds.setdefault(server_round, RoundLog()).bytes_down += arrays.count_bytes() * len(messages)
+        log = self.rounds.setdefault(server_round, RoundLog())
+        for message in messages:
+            log.count(message.metadata.dst_node_id, "down", serialized_bytes(message.content))
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -151,4 +174,5 @@ class RecordingFedAvg(FedAvg):
                 log.failures.append({"node_id": node, "phase": "evaluate", "reason": reply.error.reason})
                 continue
             log.evaluate[node] = dict(reply.content["metrics"])
+            log.count(node, "up", serialized_bytes(reply.content))
         return super().aggregate_evaluate(server_round, replies)

@@ -172,6 +172,10 @@ def test_store_holds_every_round_of_both_arms_and_the_report_matches_the_checkpo
         for number in range(1, ROUNDS + 1):
             arrays, metrics = load_round(store, run_id, arm, number)  # verifies every sha256
             assert metrics["round"] == number and len(metrics["nodes"]) == 4
+            model_bytes = sum(a.nbytes for a in arrays.values())
+            # every node got the global model and sent its update, serialized: at least the raw arrays
+            assert all(n["bytes"]["down"] >= model_bytes and n["bytes"]["up"] >= model_bytes for n in metrics["nodes"])
+            assert metrics["bytes_down"] == sum(n["bytes"]["down"] for n in metrics["nodes"])
         _, final, _ = load_latest(store, run_id, arm)
         summary = report["arms"][arm]
         model = build_model(summary["model"], input_shape=dataset.input_shape,

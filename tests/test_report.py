@@ -113,3 +113,22 @@ def test_plots_are_png_images_of_every_arm():
     for _, _, png in plots:
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
     assert report_plots(report)[0][2] == plots[0][2]  # deterministic bytes for the same report
+
+
+def test_node_costs_price_each_node_by_its_device_and_traffic():
+    from flows.report import node_costs
+
+    rounds = [_round(1, 0.8), _round(2, 0.9)]
+    for r in rounds:
+        r["nodes"][0]["train"]["on-gpu"] = 1.0
+        for n in r["nodes"]:
+            n["bytes"] = {"down": 1000, "up": 500}
+    cost = CostModel(cpu_hour_usd=3.6, gpu_hour_usd=36.0, gb_transfer_usd=1e6)
+
+    gpu_node, cpu_node = node_costs(rounds, cost)
+
+    assert gpu_node["on_gpu"] and not cpu_node["on_gpu"] and gpu_node["rounds"] == 2
+    assert (gpu_node["bytes_down"], gpu_node["bytes_up"]) == (2000, 1000)
+    # gpu node: 2 rounds x 1.0 s wall at $36/h; cpu node: 2 x 1.0 s CPU (train-cpu-seconds) at $3.6/h
+    assert gpu_node["usd"] == pytest.approx(2.0 * 36.0 / 3600 + 3000 / 1e9 * 1e6)
+    assert cpu_node["usd"] == pytest.approx(2.0 * 3.6 / 3600 + 3000 / 1e9 * 1e6)
