@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from flows.plots import data_uri, report_plots
-from flows.report import REPORT_VERSION, summary_rows
+from flows.report import REPORT_VERSION, format_cell, summary_rows
 from infra.checkpoints import report_key
 from infra.store import ObjectNotFound, Store
 
@@ -79,18 +79,9 @@ def _html_table(rows: list[dict[str, Any]]) -> str:
         return "<p><em>none</em></p>"
     header = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row.values()) + "</tr>" for row in rows
+        "<tr>" + "".join(f"<td>{html.escape(format_cell(v))}</td>" for v in row.values()) + "</tr>" for row in rows
     )
     return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _fmt(value: Any) -> str:
-    """Format one cell: em dash for None, 4 significant digits for floats."""
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def to_html(report: dict[str, Any]) -> str:

@@ -208,8 +208,8 @@ def _round_or_none(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def _cell(value: Any) -> str:
-    """Format one markdown table cell."""
+def format_cell(value: Any) -> str:
+    """Format one table cell: an em dash for None, 4 significant digits for floats."""
     if value is None:
         return "—"
     if isinstance(value, float):
@@ -223,7 +223,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         return "_none_\n"
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(row[h]) for h in header) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_cell(row[h]) for h in header) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

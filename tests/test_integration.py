@@ -230,7 +230,9 @@ def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (`apt-get install chromium`; .ci/run installs it)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Debian's chromium package (`apt-get install chromium`; .ci/run installs it)"
+)
 def test_prefect_ui_shows_the_report_and_its_plots_in_a_real_browser(demo_run, tmp_path):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
