@@ -152,15 +152,18 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
     """Submit one arm's Flower run, mirror its rounds into Prefect, and wait for it to end."""
     logger = get_run_logger()
     store = open_store(store_uri)
+    manifest = read_manifest(store, run_key, arm)
+    seen = manifest["latest_complete_round"] if manifest else 0  # a retry or a resume continues after it
     progress = create_progress_artifact(
-        progress=0.0, key=f"progress-{arm}", description=f"{arm} arm ({model}): rounds completed"
+        progress=100.0 * seen / config.rounds, key=f"progress-{arm}",
+        description=f"{arm} arm ({model}): rounds completed",
     )
     run_config = _run_config(config, mode="train", arm=arm, model=model, run_key=run_key,
                              store_uri=store_uri, nodes=nodes)
     started = time.monotonic()
     run_id = submit_run(run_config, superlink)
-    logger.info("%s arm: Flower run %s submitted (%s on nodes %s)", arm, run_id, model, nodes)
-    seen = 0
+    logger.info("%s arm: Flower run %s submitted (%s on nodes %s%s)", arm, run_id, model, nodes,
+                f", resuming after round {seen}" if seen else "")
 
     def mirror_rounds() -> None:
         """Log every newly completed round and advance the progress artifact."""
@@ -257,7 +260,7 @@ def publish_report(config: CompareConfig, run_key: str, store_uri: str, federati
 def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]:
     """Train a large and a small model federatedly, with centralized references, and report both."""
     logger = get_run_logger()
-    run_key = str(flow_run.get_id() or uuid.uuid4())
+    run_key = config.resume_from or str(flow_run.get_id() or uuid.uuid4())
     store_uri = resolve_store_uri(config)
     superlink = resolve_superlink(config)
     logger.info("run key %s, store %s, SuperLink %s", run_key, store_uri, superlink)
@@ -268,7 +271,8 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
     logger.info("assignment (%s): %s", config.assignment, assignment)
 
     # the arms run side by side; with all-nodes each node serves both Flower runs
-    futures = {arm: train_arm.submit(arm, models[arm], assignment[arm], config, run_key, store_uri, superlink)
+    retrying = train_arm.with_options(retries=config.arm_retries, retry_delay_seconds=5)
+    futures = {arm: retrying.submit(arm, models[arm], assignment[arm], config, run_key, store_uri, superlink)
                for arm in ARMS}
     arms = {arm: future.result() for arm, future in futures.items()}
 

@@ -101,6 +101,19 @@ class CompareConfig(_Strict):
     node_evaluation: Literal["final", "every-round"] = "final"
     # the price table that turns measured seconds and bytes into dollars, energy and CO2
     cost: CostModel = CostModel()
+    # run key (flow-run id) of an earlier comparison to continue after its last complete
+    # round of each arm, with the same config (empty: a new comparison)
+    resume_from: str = ""
+    # times Prefect retries an arm that failed; a retry resumes after the last stored round
+    arm_retries: int = Field(1, ge=0, le=10)
+
+    @field_validator("resume_from")
+    @classmethod
+    def _run_key(cls, value: str) -> str:
+        """Accept an empty value or a run key (one path part)."""
+        if value and not re.fullmatch(r"[A-Za-z0-9._-]+", value) or value in (".", ".."):
+            raise ValueError(f"expected the flow-run id of an earlier run, got {value!r}")
+        return value
 
     @field_validator("superlink")
     @classmethod

@@ -26,6 +26,7 @@ async def follow_flow_run(
     flow_run = await run_deployment(DEPLOYMENT, parameters=parameters, timeout=0)
     console.print(f"flow run: {settings.prefect_ui}/runs/flow-run/{flow_run.id}", soft_wrap=True)
     store = open_store(os.environ["FEDCOMPARE_STORE"])
+    run_key = parameters.get("config", {}).get("resume_from") or str(flow_run.id)  # where the store keeps it
     deadline = time.monotonic() + timeout_s
     state = "SCHEDULED"
     async with get_client() as client:
@@ -34,7 +35,7 @@ async def follow_flow_run(
                 current = await client.read_flow_run(flow_run.id)
                 state = current.state.type.value if current.state else "SCHEDULED"
                 name = current.state.name if current.state else state
-                spinner.update(f"flow run {current.name}: {name}{_rounds_done(store, str(flow_run.id))}")
+                spinner.update(f"flow run {current.name}: {name}{_rounds_done(store, run_key)}")
                 if state in _FINAL:
                     break
                 await asyncio.sleep(2)
@@ -67,8 +68,9 @@ def run_demo(settings: StackSettings, *, overrides: dict, timeout_s: float) -> i
         console.print(f"[red]flow run ended {state}[/]: see {url} and {settings.state_dir}/logs", soft_wrap=True)
         return 1
     store = open_store(os.environ["FEDCOMPARE_STORE"])
-    report = store.get_json(report_key(run_id))
+    run_key = overrides.get("resume_from") or run_id
+    report = store.get_json(report_key(run_key))
     print_summary(report, console)
     console.print(f"flow run: {url}", soft_wrap=True)
-    console.print(f"report:   {store.uri}/{report_key(run_id)}", soft_wrap=True)
+    console.print(f"report:   {store.uri}/{report_key(run_key)}", soft_wrap=True)
     return 0

@@ -133,6 +133,7 @@ def summarize_arm(
                 "slowest_client_train_seconds": max(
                     (n["train"].get("train-seconds", 0.0) for n in r["nodes"]), default=0.0
                 ),
+                "resumed_after_round": r.get("resumed_after_round", 0),
                 **round_resources(r),
             }
             for r in rounds

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from clients.data import central_test, load_dataset
 from clients.models import build_model
 from clients.run_config import ArmRunConfig
-from infra.checkpoints import federation_key, write_round
+from infra.checkpoints import federation_key, load_latest, read_manifest, write_round
 from infra.store import Store
 from server.strategy import ArmGrid, RecordingFedAvg
 
@@ -67,11 +67,17 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
     test = central_test(dataset, central_test_fraction=run.central_test_fraction, seed=run.seed)
     model = build_model(run.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
                         seed=run.seed, device="cpu")
+    done, initial = _resume_point(store, run, model.get_arrays())
+    if done >= run.num_rounds:
+        log.info("arm %s: all %d rounds are already in the store; nothing to do", run.arm, run.num_rounds)
+        return
+    model.set_arrays(initial)
     arm_grid = ArmGrid(grid, run.node_ids)
     num_nodes = len(run.node_ids) or len(list(grid.get_node_ids()))
     strategy = RecordingFedAvg(
         min_train_nodes=num_nodes, min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes,
         evaluate_rounds=None if run.node_evaluation == "every-round" else {run.num_rounds},
+        round_offset=done,
     )
     arm_config = {k: v for k, v in vars(run).items() if k not in ("mode",)}
     train_config = ConfigRecord(
@@ -83,6 +89,7 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
         """Evaluate the global model centrally and write the round to the store."""
         if server_round == 0:
             return None
+        server_round += done  # Flower counts the rounds of this attempt from 1
         named = _from_record(arrays)
         model.set_arrays(named)
         evaluated = time.perf_counter()
@@ -107,6 +114,7 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
             "aggregate_seconds": record.aggregate_seconds,
             "central_evaluate_seconds": central_seconds,
             "finished_at": _now(),
+            "resumed_after_round": done,
         }
         write_round(store, run.run_key, run.arm, server_round, named, metrics, arm_config)
         log.info("arm %s round %d: central accuracy %.4f", run.arm, server_round, central["accuracy"])
@@ -115,12 +123,29 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
     strategy.start(
         grid=arm_grid,
         initial_arrays=_to_record(model.get_arrays()),
-        num_rounds=run.num_rounds,
+        num_rounds=run.num_rounds - done,
         timeout=run.round_timeout,
         train_config=train_config,
         evaluate_config=ConfigRecord({}),
         evaluate_fn=checkpoint,
     )
+
+
+def _resume_point(store: Store, run: ArmRunConfig, fresh: dict[str, np.ndarray]) -> tuple[int, dict]:
+    """Return (last complete round, its model) from the store, or (0, ``fresh``) for a new arm.
+
+    A retried arm, or a run that resumes an earlier run key, continues after the last
+    round whose manifest entry is complete, with the same round numbers (and so the same
+    per-round seeds). Every node trains every round (no sampling), so there is no
+    sampling sequence to replay.
+    """
+    manifest = read_manifest(store, run.run_key, run.arm)
+    done = manifest["latest_complete_round"] if manifest else 0
+    if not done:
+        return 0, fresh
+    done, arrays, _ = load_latest(store, run.run_key, run.arm)  # verifies the sha256 of every object
+    log.info("arm %s: resuming after round %d of %d from %s", run.arm, done, run.num_rounds, store.uri)
+    return done, arrays
 
 
 def _weighted(per_node: dict[int, dict[str, float]]) -> dict[str, float]:

@@ -110,18 +110,22 @@ class RecordingFedAvg(FedAvg):
 
     ``evaluate_rounds`` says after which rounds the nodes evaluate the global model on
     their local test split (every round when None); the server evaluates it centrally
-    after every round regardless.
+    after every round regardless. ``round_offset`` renumbers rounds when a run resumes
+    after round ``round_offset``: Flower counts from 1 again, the nodes and the records
+    see the run's own numbering (so per-round seeds stay the same).
     """
 
-    def __init__(self, *, evaluate_rounds: set[int] | None = None, **kwargs) -> None:
+    def __init__(self, *, evaluate_rounds: set[int] | None = None, round_offset: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.evaluate_rounds = evaluate_rounds
+        self.round_offset = round_offset
         self.rounds: dict[int, RoundLog] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample the arm's nodes and note the bytes each training message carries."""
+        server_round += self.round_offset
         log = self.rounds.setdefault(server_round, RoundLog())
         log.started = time.time()
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -137,6 +141,7 @@ class RecordingFedAvg(FedAvg):
         Replies are averaged in node-id order, not arrival order: floating-point sums
         depend on the order, and a seeded run should give the same model every time.
         """
+        server_round += self.round_offset
         replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
         log = self.rounds[server_round]
         log.trained = time.time()
@@ -156,6 +161,7 @@ class RecordingFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample the arm's nodes for evaluation and note the bytes sent."""
+        server_round += self.round_offset
         if self.evaluate_rounds is not None and server_round not in self.evaluate_rounds:
             return []
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
@@ -166,6 +172,7 @@ class RecordingFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Keep each node's evaluation metrics, then average as FedAvg does."""
+        server_round += self.round_offset
         replies = list(replies)
         log = self.rounds.setdefault(server_round, RoundLog())
         for reply in replies:

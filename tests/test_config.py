@@ -116,3 +116,12 @@ def test_overrides_are_validated_into_one_line_naming_the_fields():
         parse_overrides("{rounds: 3}")
     with pytest.raises(ValueError, match="JSON object"):
         parse_overrides("[1, 2]")
+
+
+def test_resume_from_takes_a_run_key_and_retries_are_bounded():
+    assert CompareConfig(resume_from="3f1c-42_a.b").resume_from == "3f1c-42_a.b"
+    for bad in ("../other", "runs/x", ".."):
+        with pytest.raises(ValidationError, match="resume_from"):
+            CompareConfig(resume_from=bad)
+    with pytest.raises(ValidationError, match="arm_retries"):
+        CompareConfig(arm_retries=-1)

@@ -13,9 +13,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +264,59 @@ def test_prefect_ui_shows_the_report_and_its_plots_in_a_real_browser(demo_run, t
     assert len(images) == 2, "both plots are rendered as images in the artifact page"
     assert shot.returncode == 0 and screenshot.stat().st_size > 20_000, shot.stderr[-2000:]
     print(f"screenshot of the report in the Prefect UI: {screenshot}")
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+    """Return (pid, command line) of every live process below ``root``."""
+    children: dict[int, list[int]] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append((child, commands.get(child, "")))
+            todo.append(child)
+    return found
+
+
+def test_killed_serverapp_is_retried_and_resumes_to_the_same_model(stack):
+    config = '{"rounds": 2, "data": {"dataset": "digits"}, "target_accuracy": 0.5}'
+    _, reference_id, _ = _demo(stack, "--config", config)
+    store = open_store(f"file://{stack}/store")
+    superlink = int((stack / "pids" / "superlink.pid").read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FEDCOMPARE_"))}
+    demo = subprocess.Popen([FEDCOMPARE, "--state-dir", str(stack), "demo", "--config", config],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        run_id = next(match.group(1) for line in demo.stdout
+                      if (match := re.search(r"/runs/flow-run/([0-9a-f-]{36})", line)))
+        deadline = time.monotonic() + 300
+        while not (read_manifest(store, run_id, "large") or {}).get("latest_complete_round"):
+            assert time.monotonic() < deadline, "the large arm stored no round within 300 s"
+            time.sleep(0.5)
+        killed = [pid for pid, command in _descendants(superlink) if "flwr-serverapp" in command]
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        output, _ = demo.communicate(timeout=900)
+    finally:
+        demo.kill()
+
+    assert killed, "a ServerApp was running when the first round was stored"
+    assert demo.returncode == 0, output[-3000:]
+    report = store.get_json(report_key(run_id))
+    resumed = [r["round"] for r in report["arms"]["large"]["per_round"] if r["resumed_after_round"]]
+    assert resumed and resumed[0] >= 2, "the report marks the rounds run after the resume"
+    for arm in ("large", "small"):
+        final = {run: read_manifest(store, run, arm) for run in (reference_id, run_id)}
+        sha = {run: m["rounds"]["2"]["objects"][f"runs/{run}/{arm}/round-0002/model.npz"]["sha256"]
+               for run, m in final.items()}
+        assert sha[run_id] == sha[reference_id], f"{arm}: the resumed final model differs from the uninterrupted one"
