@@ -243,6 +243,7 @@ def _start(settings: StackSettings, service: Service) -> int:
     for key in ("FLWR_HOME", "PREFECT_HOME"):
         if key in env:
             Path(env[key]).mkdir(parents=True, exist_ok=True)
+    _log_start_file(settings, service.name).write_text(str(log_path.stat().st_size if log_path.exists() else 0))
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             service.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -264,6 +265,22 @@ def _wait(settings: StackSettings, service: Service, ready, timeout: float) -> N
     tail = _tail(_log_file(settings, service.name))
     state = "exited" if not running_pid(settings, service.name) else f"is not ready after {timeout:.0f} s"
     raise StackError(f"{service.name} {state}; see {_log_file(settings, service.name)}. Last lines:\n{tail}")
+
+
+def _log_start_file(settings: StackSettings, name: str) -> Path:
+    """Return the file that holds where in its log the current process of service `name` began."""
+    return Path(settings.state_dir) / "pids" / f"{name}.log-offset"
+
+
+def _log_since_start(settings: StackSettings, name: str, limit: int = 1 << 20) -> str:
+    """Return up to `limit` bytes that service `name` logged since its current process started."""
+    offset_file, log_path = _log_start_file(settings, name), _log_file(settings, name)
+    offset = int(offset_file.read_text() or 0) if offset_file.exists() else 0
+    if not log_path.exists():
+        return ""
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        return log.read(limit).decode(errors="replace")
 
 
 def _tail(path: Path, lines: int = 8) -> str:
@@ -320,7 +337,8 @@ def up(settings: StackSettings, *, echo=print) -> None:
         _wait(settings, service, lambda n=node: port_in_use(settings.host, n.port), timeout=60)
         echo(f"flower supernode {service.address}")
     worker = by_name["prefect-worker"]
-    _wait(settings, worker, lambda: "started" in _tail(_log_file(settings, worker.name), 50).lower(), timeout=60)
+    # The worker logs "Worker '…' started!" once; later flow runs push that line far from the log's end.
+    _wait(settings, worker, lambda: "started!" in _log_since_start(settings, worker.name), timeout=60)
 
 
 def down(settings: StackSettings, *, timeout: float = 15.0) -> list[str]:
@@ -338,6 +356,7 @@ def down(settings: StackSettings, *, timeout: float = 15.0) -> list[str]:
             _signal_group(pid, signal.SIGKILL)
         _signal_group(pid, signal.SIGKILL)  # children left behind in the group, e.g. flower-superexec
         _pid_file(settings, service.name).unlink(missing_ok=True)
+        _log_start_file(settings, service.name).unlink(missing_ok=True)
         stopped.append(service.name)
     return stopped
 

@@ -1,0 +1,31 @@
+"""The stack launcher's process handling, with real background processes."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from infra.stack import Service, StackSettings, _log_file, _log_since_start, _start, down, running_pid
+
+
+def test_readiness_reads_only_what_the_current_process_logged(tmp_path, monkeypatch):
+    settings = StackSettings.create(tmp_path)
+    service = Service("prefect-worker", [sys.executable, "-c",
+                                         "import time; time.sleep(0.5); print('started!', flush=True); time.sleep(60)"],
+                      address="-", port=None)
+    monkeypatch.setattr("infra.stack.services", lambda _: [service])
+    log = _log_file(settings, service.name)
+    log.parent.mkdir(parents=True)
+    log.write_text("Worker 'old' started!\n" + "a flow run's output\n" * 1000)
+
+    pid = _start(settings, service)
+    try:
+        assert "started!" not in _log_since_start(settings, service.name)
+        deadline = time.monotonic() + 20
+        while "started!" not in _log_since_start(settings, service.name):
+            assert time.monotonic() < deadline, "the new process's line never showed"
+            time.sleep(0.1)
+        assert _start(settings, service) == pid, "a running service is not started twice"
+    finally:
+        assert down(settings) == ["prefect-worker"]
+    assert running_pid(settings, service.name) is None
