@@ -23,9 +23,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from clients.data import Dataset
 from clients.models import check_arrays, check_data, check_fit_args, classification_metrics
 
-# (module, optimizer, loader) -> the same triple, possibly wrapped (e.g. by Opacus make_private)
+# (module, optimizer, loader) -> (module, optimizer, loader, criterion), e.g. Opacus make_private's
+# private module, optimizer, Poisson loader and fast-gradient-clipping loss
 TrainingWrapper = Callable[
-    [nn.Module, torch.optim.Optimizer, DataLoader], tuple[nn.Module, torch.optim.Optimizer, DataLoader]
+    [nn.Module, torch.optim.Optimizer, DataLoader],
+    tuple[nn.Module, torch.optim.Optimizer, DataLoader, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
 ]
 
 
@@ -155,7 +157,8 @@ def make_optimizer(module: nn.Module, *, learning_rate: float) -> torch.optim.Op
 
 
 def train_epochs(
-    module: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, epochs: int, device: str
+    module: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, epochs: int, device: str,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> float:
     """Train for ``epochs`` passes over ``loader``; return the mean loss of the last pass."""
     module.train()
@@ -169,7 +172,7 @@ def train_epochs(
             optimizer.zero_grad(set_to_none=True)
             with autocast(device):
                 logits = module(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = criterion(logits.float(), y)
             loss.backward()
             optimizer.step()
             loss_sum += float(loss.detach()) * len(y)
@@ -202,6 +205,7 @@ class TorchModel:
         self.input_shape = input_shape
         self.num_classes = num_classes
         self.device = device
+        self.dp_fixes: list[str] = []  # layers replaced so that Opacus can train the network
 
     def get_arrays(self) -> dict[str, np.ndarray]:
         """Return the state dict as ordered numpy copies."""
@@ -222,7 +226,7 @@ class TorchModel:
         seed: int,
         wrap: TrainingWrapper | None = None,
     ) -> dict[str, float]:
-        """Train with Adam; ``wrap`` may replace (module, optimizer, loader), e.g. for DP-SGD."""
+        """Train with Adam; ``wrap`` may replace (module, optimizer, loader) and the loss, e.g. for DP-SGD."""
         check_fit_args(self.name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
         check_data(self.name, train, input_shape=self.input_shape, num_classes=self.num_classes, purpose="fit")
         wall, cpu = time.perf_counter(), time.process_time()
@@ -230,9 +234,15 @@ class TorchModel:
             module: nn.Module = self.network
             optimizer = make_optimizer(module, learning_rate=learning_rate)
             loader = make_loader(train, batch_size=batch_size, seed=seed, device=self.device)
+            criterion = F.cross_entropy
             if wrap is not None:
-                module, optimizer, loader = wrap(module, optimizer, loader)
-            train_loss = train_epochs(module, loader, optimizer, epochs=epochs, device=self.device)
+                module, optimizer, loader, criterion = wrap(module, optimizer, loader)
+            try:
+                train_loss = train_epochs(module, loader, optimizer, epochs=epochs, device=self.device,
+                                          criterion=criterion)
+            finally:
+                if module is not self.network and hasattr(module, "_close"):
+                    module._close()  # Opacus's wrapper: remove its hooks and per-sample gradients
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
         return {
@@ -264,10 +274,21 @@ class TorchModel:
 
 
 def build_torch_model(
-    name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int, device: str
+    name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int, device: str, private: bool = False
 ) -> TorchModel:
-    """Build and seed-initialize torch zoo model ``name`` on ``device``."""
+    """Build and seed-initialize torch zoo model ``name`` on ``device``.
+
+    ``private`` replaces the layers Opacus cannot train with DP-SGD (the fixes are kept
+    in ``dp_fixes``); the zoo's networks need none.
+    """
     device = resolve_device(device)
     with seeded(seed, "cpu"):  # initialize on the CPU: same weights whatever the device
         network = build_network(name, input_shape=input_shape, num_classes=num_classes)
-    return TorchModel(name, network.to(device), input_shape=input_shape, num_classes=num_classes, device=device)
+        fixes: list[str] = []
+        if private:
+            from privacy.sample_level import make_compatible
+
+            network, fixes = make_compatible(network)
+    model = TorchModel(name, network.to(device), input_shape=input_shape, num_classes=num_classes, device=device)
+    model.dp_fixes = fixes
+    return model

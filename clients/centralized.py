@@ -19,18 +19,35 @@ def train_centralized(
     learning_rate: float,
     seed: int,
     data_kwargs: dict[str, Any],
-) -> dict[str, float]:
-    """Train `model_name` on the union of the nodes' local train splits; evaluate on the central test set."""
+    dp: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train `model_name` on the union of the nodes' local train splits; evaluate on the central test set.
+
+    ``dp`` (target_epsilon, delta, max_grad_norm, accountant) trains with DP-SGD instead,
+    calibrated so that all ``epochs`` together meet target_epsilon on the pooled data;
+    the result then carries the privacy plan.
+    """
     train = pooled_train(dataset, num_partitions=num_partitions, partition_ids=partition_ids, **data_kwargs)
     test = central_test(
         dataset, central_test_fraction=data_kwargs["central_test_fraction"], seed=data_kwargs["seed"]
     )
     model = build_model(
-        model_name, input_shape=dataset.input_shape, num_classes=dataset.num_classes, seed=seed, device="auto"
+        model_name, input_shape=dataset.input_shape, num_classes=dataset.num_classes, seed=seed, device="auto",
+        private=dp is not None,
     )
-    fit = model.fit(train, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+    wrap, plan = None, None
+    if dp is not None:
+        from privacy.accounting import plan_sample_level
+        from privacy.sample_level import dp_sgd
+
+        plan = plan_sample_level(num_examples=len(train), batch_size=batch_size, local_epochs=epochs, rounds=1,
+                                 who="the pooled reference data", **dp)
+        wrap = dp_sgd(plan)
+    fit = model.fit(train, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                    **({"wrap": wrap} if wrap else {}))
     metrics = model.evaluate(test, batch_size=max(batch_size, 256))
     return {
+        **({"privacy": {**plan.as_dict(), "epsilon": plan.epsilon_after(1)}} if plan else {}),
         "accuracy": float(metrics["accuracy"]),
         "macro_f1": float(metrics["macro_f1"]),
         "loss": float(metrics["loss"]),

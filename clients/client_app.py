@@ -53,6 +53,7 @@ def _model(run: ArmRunConfig, context: Context, train: Dataset, arrays: ArrayRec
         num_classes=train.num_classes,
         seed=run.seed,
         device=device,
+        private=run.privacy_mode == "sample-level",
     )
     model.set_arrays(OrderedDict((name, array.numpy()) for name, array in arrays.items()))
     return model
@@ -94,19 +95,57 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the node's local training split."""
     run, train_set, _ = _local_data(context)
     config = msg.content["config"]
+    server_round = int(config["server-round"])
+    epochs, batch_size = int(config["local-epochs"]), int(config["batch-size"])
+    private, wrap = {}, {}
+    if run.privacy_mode == "sample-level":
+        private, wrap = _charge_dp_sgd(run, context, server_round, len(train_set.y), epochs, batch_size)
+    elif run.privacy_mode == "client-level":
+        private = {"dp-unit-weight": 1.0}  # client-level DP averages the clipped updates with equal weights
     model = _model(run, context, train_set, msg.content["arrays"])
     metrics = model.fit(
         train_set,
-        epochs=int(config["local-epochs"]),
-        batch_size=int(config["batch-size"]),
+        epochs=epochs,
+        batch_size=batch_size,
         learning_rate=float(config["learning-rate"]),
-        seed=run.seed + int(config["server-round"]),
+        seed=run.seed + server_round,
+        **wrap,
     )
     arrays = ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in model.get_arrays().items()))
     reply = MetricRecord(
-        {"num-examples": len(train_set.y), **_floats(metrics, "num_examples"), **_resources(model.device)}
+        {"num-examples": len(train_set.y), **_floats(metrics, "num_examples", *_withheld(run)),
+         **_resources(model.device), **private}
     )
     return Message(RecordDict({"arrays": arrays, "metrics": reply}), reply_to=msg)
+
+
+def _charge_dp_sgd(run: ArmRunConfig, context: Context, server_round: int, num_examples: int, epochs: int,
+                   batch_size: int) -> tuple[dict[str, float], dict]:
+    """Plan this node's DP-SGD, charge the round to its privacy ledger; return reply metrics and the fit wrapper.
+
+    Raises BudgetExceeded (the node sits the round out: Flower sends the server an error
+    reply that names the reason) or PrivacyInfeasible.
+    """
+    from privacy.accounting import plan_sample_level
+    from privacy.ledger import PrivacyLedger
+    from privacy.sample_level import DEFAULT_GRAD_SAMPLE_MODE, dp_sgd
+
+    partition_id, *_ = _node_facts(context)
+    plan = plan_sample_level(num_examples=num_examples, batch_size=batch_size, local_epochs=epochs,
+                             rounds=run.num_rounds, max_grad_norm=run.max_grad_norm,
+                             who=f"node partition {partition_id}", **run.privacy_kwargs())
+    node = context.node_config
+    budget = float(node["privacy-budget"]) if "privacy-budget" in node else None
+    ledger_path = str(node.get("privacy-ledger", "")) or os.path.expanduser(
+        f"~/.fedcompare/privacy-ledger-partition-{partition_id}.json")
+    spent = PrivacyLedger(ledger_path, budget_epsilon=budget).charge(
+        plan, run_key=run.run_key, arm=run.arm, server_round=server_round)
+    metrics = {
+        "dp-noise-multiplier": plan.noise_multiplier, "dp-sample-rate": plan.sample_rate,
+        "dp-steps": float(plan.steps_per_round), "dp-max-grad-norm": plan.max_grad_norm,
+        "dp-epsilon": spent["epsilon_run"], "dp-node-epsilon": spent["epsilon_node"],
+    }
+    return metrics, {"wrap": dp_sgd(plan, grad_sample_mode=DEFAULT_GRAD_SAMPLE_MODE)}
 
 
 @app.evaluate()
@@ -121,6 +160,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         {"num-examples": len(test_set.y), **_floats(metrics, "num_examples"), **timing, **_resources(model.device)}
     )
     return Message(RecordDict({"metrics": reply}), reply_to=msg)
+
+
+def _withheld(run: ArmRunConfig) -> tuple[str, ...]:
+    """Return the training metrics a private run does not send: the DP guarantee covers the model only."""
+    return ("train_loss",) if run.privacy_mode != "none" else ()
 
 
 def _resources(device: str) -> dict[str, float]:

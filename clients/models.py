@@ -58,9 +58,14 @@ class Model(Protocol):
 
 
 def build_model(
-    name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int, device: str = "auto"
+    name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int, device: str = "auto",
+    private: bool = False,
 ) -> Model:
-    """Build zoo model ``name`` for inputs of ``input_shape``, initialized from ``seed``."""
+    """Build zoo model ``name`` for inputs of ``input_shape``, initialized from ``seed``.
+
+    ``private=True`` builds a torch network that Opacus can train with DP-SGD (layers it
+    rejects, such as BatchNorm, replaced); server and nodes must agree on it.
+    """
     input_shape = tuple(int(d) for d in input_shape)
     if name not in MODEL_NAMES:
         raise ValueError(
@@ -87,7 +92,8 @@ def build_model(
         return SgdLogisticRegression(input_shape=input_shape, num_classes=num_classes, seed=seed)
     from clients._torch_models import build_torch_model  # the only torch import path
 
-    return build_torch_model(name, input_shape=input_shape, num_classes=num_classes, seed=seed, device=device)
+    return build_torch_model(name, input_shape=input_shape, num_classes=num_classes, seed=seed, device=device,
+                             private=private)
 
 
 def resolve_large_model(name: str, kind: str) -> str:

@@ -34,6 +34,12 @@ class ArmRunConfig:
     seed: int
     round_timeout: float
     node_evaluation: str
+    privacy_mode: str
+    target_epsilon: float
+    delta: float
+    max_grad_norm: float
+    accountant: str
+    noise_multiplier: float
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ArmRunConfig:
@@ -56,7 +62,20 @@ class ArmRunConfig:
             raise ValueError(
                 f"run config node-evaluation: expected 'final' or 'every-round', got {config.node_evaluation!r}"
             )
+        if config.privacy_mode not in ("none", "sample-level", "client-level"):
+            raise ValueError(
+                f"run config privacy-mode: expected 'none', 'sample-level' or 'client-level', got {config.privacy_mode!r}"
+            )
+        if config.accountant not in ("rdp", "prv"):
+            raise ValueError(f"run config accountant: expected 'rdp' or 'prv', got {config.accountant!r}")
         return config
+
+    def privacy_kwargs(self) -> dict[str, Any]:
+        """Return the privacy arguments of `privacy.accounting.plan_*` (noise multiplier 0: calibrate)."""
+        return {
+            "target_epsilon": self.target_epsilon, "delta": self.delta, "accountant": self.accountant,
+            "noise_multiplier": self.noise_multiplier or None,
+        }
 
     @property
     def node_ids(self) -> list[int]:

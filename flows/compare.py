@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,38 @@ _POLL_S = 1.0  # store reads while following a run
 _STATUS_POLL_S = 15.0  # `flwr ls` calls while following a run
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One arm of the comparison: a kind of model (large or small), private at ``epsilon`` or not (None)."""
+
+    name: str
+    kind: str
+    epsilon: float | None = None
+
+
+def plan_variants(config: CompareConfig) -> list[list[Variant]]:
+    """Return the arms to train, in groups: the arms of one group train side by side, groups one after another.
+
+    Without privacy: one group, ``large`` and ``small``. With privacy: the arms without DP
+    (kinds privacy does not cover, and every kind when ``compare_without_dp``) first, then
+    one group per ε of the sweep with the private arms, named ``<kind>-eps<ε>``.
+    """
+    privacy = config.privacy
+    plain = [Variant(kind, kind) for kind in ARMS if not privacy.covers(kind) or privacy.compare_without_dp]
+    groups = [plain] if plain else []
+    for eps in privacy.epsilons if privacy.mode != "none" else []:
+        groups.append([Variant(f"{kind}-eps{eps:g}", kind, eps) for kind in ARMS if privacy.covers(kind)])
+    return groups
+
+
 def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_key: str,
-                store_uri: str, nodes: list[int]) -> dict[str, Any]:
+                store_uri: str, nodes: list[int], kind: str | None = None,
+                epsilon: float | None = None) -> dict[str, Any]:
     """Translate the comparison config into the Flower run config of one arm (or the query)."""
     data = config.data
     dataset = data.dataset if data.dataset in BUILTIN_DATASETS else str(Path(data.dataset).resolve())
-    arm_config = getattr(config, arm)
+    arm_config = getattr(config, kind or arm)
+    privacy = config.privacy
     return {
         "mode": mode, "store-uri": store_uri, "run-key": run_key, "arm": arm,
         "nodes": ",".join(str(n) for n in nodes), "model": model,
@@ -50,6 +77,10 @@ def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_k
         "batch-size": arm_config.batch_size, "learning-rate": arm_config.learning_rate,
         "seed": config.seed, "round-timeout": config.round_timeout_s,
         "node-evaluation": config.node_evaluation,
+        "privacy-mode": privacy.mode if epsilon is not None else "none",
+        "target-epsilon": float(epsilon or privacy.target_epsilon), "delta": privacy.delta,
+        "max-grad-norm": privacy.max_grad_norm, "accountant": privacy.accountant,
+        "noise-multiplier": float(privacy.noise_multiplier or 0.0),
     }
 
 
@@ -146,9 +177,49 @@ def assign_nodes(nodes: list[dict[str, Any]], assignment: str) -> dict[str, list
     return chosen
 
 
+def check_privacy(config: CompareConfig, variants: list[Variant], nodes: list[dict[str, Any]],
+                  assignment: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
+    """Plan every private arm on the nodes' real example counts; fail before training if a target cannot be met.
+
+    Returns arm name -> {"noise_multiplier": per node id (sample-level) or for the arm}.
+
+    Raises:
+        ValueError: one line naming the arm, the node and the value to change.
+    """
+    from privacy.accounting import PrivacyInfeasible, plan_client_level, plan_sample_level
+
+    privacy = config.privacy
+    by_id = {n["node_id"]: n for n in nodes}
+    plans: dict[str, dict[str, Any]] = {}
+    for variant in (v for v in variants if v.epsilon is not None):
+        arm_config = getattr(config, variant.kind)
+        common = {"target_epsilon": variant.epsilon, "delta": privacy.delta, "accountant": privacy.accountant,
+                  "noise_multiplier": privacy.noise_multiplier}
+        try:
+            if privacy.mode == "sample-level":
+                plans[variant.name] = {"noise_multiplier": {
+                    node: plan_sample_level(
+                        num_examples=int(by_id[node]["num-train"]), batch_size=arm_config.batch_size,
+                        local_epochs=arm_config.local_epochs, rounds=config.rounds,
+                        max_grad_norm=privacy.max_grad_norm, who=f"node {node}", **common,
+                    ).noise_multiplier
+                    for node in assignment[variant.kind]
+                }}
+            else:
+                nodes_of_arm = len(assignment[variant.kind])
+                plans[variant.name] = {"noise_multiplier": plan_client_level(
+                    num_nodes=nodes_of_arm, sampled_nodes=nodes_of_arm, rounds=config.rounds,
+                    clipping_norm=privacy.max_grad_norm, **common,
+                ).noise_multiplier}
+        except PrivacyInfeasible as exc:
+            raise ValueError(f"privacy ({variant.name} arm, ε={variant.epsilon:g}): {exc}") from None
+    return plans
+
+
 @task(name="train-arm", task_run_name="train-{arm}")
 def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run_key: str,
-              store_uri: str, superlink: str) -> dict[str, Any]:
+              store_uri: str, superlink: str, kind: str | None = None,
+              epsilon: float | None = None) -> dict[str, Any]:
     """Submit one arm's Flower run, mirror its rounds into Prefect, and wait for it to end."""
     logger = get_run_logger()
     store = open_store(store_uri)
@@ -159,7 +230,7 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
         description=f"{arm} arm ({model}): rounds completed",
     )
     run_config = _run_config(config, mode="train", arm=arm, model=model, run_key=run_key,
-                             store_uri=store_uri, nodes=nodes)
+                             store_uri=store_uri, nodes=nodes, kind=kind, epsilon=epsilon)
     started = time.monotonic()
     run_id = submit_run(run_config, superlink)
     logger.info("%s arm: Flower run %s submitted (%s on nodes %s%s)", arm, run_id, model, nodes,
@@ -198,17 +269,26 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
 
 @task(name="train-reference", task_run_name="reference-{arm}")
 def train_reference(arm: str, model: str, partition_ids: list[int], num_partitions: int,
-                    config: CompareConfig) -> dict[str, float]:
-    """Train the arm's model centrally on its nodes' pooled training data, as a labelled reference."""
-    arm_config = getattr(config, arm)
+                    config: CompareConfig, kind: str | None = None,
+                    epsilon: float | None = None) -> dict[str, Any]:
+    """Train the arm's model centrally on its nodes' pooled training data, as a labelled reference.
+
+    With ``epsilon`` the reference trains with DP-SGD at that ε (over all its epochs) on
+    the pooled data: what the same privacy would cost without federation.
+    """
+    arm_config = getattr(config, kind or arm)
+    privacy = config.privacy
+    dp = None if epsilon is None else {"target_epsilon": epsilon, "delta": privacy.delta,
+                                       "max_grad_norm": privacy.max_grad_norm, "accountant": privacy.accountant}
     dataset = load_dataset(config.data.dataset, label_column=config.data.label_column)
     result = train_centralized(
         dataset, model_name=model, partition_ids=tuple(partition_ids), num_partitions=num_partitions,
         epochs=config.rounds * arm_config.local_epochs, batch_size=arm_config.batch_size,
-        learning_rate=arm_config.learning_rate, seed=config.seed, data_kwargs=_data_kwargs(config),
+        learning_rate=arm_config.learning_rate, seed=config.seed, data_kwargs=_data_kwargs(config), dp=dp,
     )
-    get_run_logger().info("%s central reference: accuracy %.4f after %d epochs on %d examples",
-                          arm, result["accuracy"], result["epochs"], result["num_examples"])
+    get_run_logger().info("%s central reference%s: accuracy %.4f after %d epochs on %d examples", arm,
+                          f" (DP-SGD, ε={result['privacy']['epsilon']:.3f})" if dp else "",
+                          result["accuracy"], result["epochs"], result["num_examples"])
     return result
 
 
@@ -236,10 +316,11 @@ def publish_report(config: CompareConfig, run_key: str, store_uri: str, federati
         parameters, model_bytes = model_size(arrays)
         summaries[arm] = {
             **summarize_arm(
-                arm, round_metrics(store, run_key, arm), nodes=assignment[arm], parameters=parameters,
+                arm, round_metrics(store, run_key, arm), nodes=assignment[result["kind"]], parameters=parameters,
                 model_bytes=model_bytes, wall_seconds=result["wall_seconds"], reference=references.get(arm),
                 target_accuracy=config.target_accuracy, cost=config.cost,
             ),
+            "kind": result["kind"],
             "flower_run_id": result["flower_run_id"],
         }
     report = build_report(run_key=run_key, config=config.model_dump(mode="json"), federation=federation,
@@ -269,19 +350,33 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
     federation = discover_nodes(config, run_key, store_uri, superlink)
     assignment = assign_nodes(federation["nodes"], config.assignment)
     logger.info("assignment (%s): %s", config.assignment, assignment)
+    groups = plan_variants(config)
+    variants = [v for group in groups for v in group]
+    for arm, plan in check_privacy(config, variants, federation["nodes"], assignment).items():
+        logger.info("%s arm: %s DP, noise multiplier %s", arm, config.privacy.mode, plan["noise_multiplier"])
 
-    # the arms run side by side; with all-nodes each node serves both Flower runs
+    # the arms of a group run side by side; with all-nodes each node serves both Flower runs
     retrying = train_arm.with_options(retries=config.arm_retries, retry_delay_seconds=5)
-    futures = {arm: retrying.submit(arm, models[arm], assignment[arm], config, run_key, store_uri, superlink)
-               for arm in ARMS}
-    arms = {arm: future.result() for arm, future in futures.items()}
+    arms: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        futures = {v.name: retrying.submit(v.name, models[v.kind], assignment[v.kind], config, run_key, store_uri,
+                                           superlink, kind=v.kind, epsilon=v.epsilon) for v in group}
+        arms.update({v.name: {**futures[v.name].result(), "kind": v.kind} for v in group})
 
     partitions = {n["node_id"]: n["partition-id"] for n in federation["nodes"]}
     num_partitions = federation["nodes"][0]["num-partitions"]
+
+    def reference(name: str, kind: str, epsilon: float | None) -> dict[str, Any]:
+        return train_reference(name, models[kind], sorted(partitions[n] for n in assignment[kind]), num_partitions,
+                               config, kind=kind, epsilon=epsilon)
+
+    plain = {kind: reference(kind, kind, None) for kind in ARMS}
+    # a private arm's reference is DP-SGD at the same ε on the pooled data; client-level DP and the
+    # scikit-learn model have no central DP-SGD counterpart, so theirs is the reference without DP
     references = {
-        arm: train_reference(arm, models[arm], sorted(partitions[n] for n in assignment[arm]),
-                             num_partitions, config)
-        for arm in ARMS
+        v.name: reference(v.name, v.kind, v.epsilon)
+        if v.epsilon is not None and config.privacy.mode == "sample-level" else plain[v.kind]
+        for v in variants
     }
     report = publish_report(config, run_key, store_uri, federation, assignment, arms, references)
     return {"run_key": run_key, "summary": summary_rows(report)}

@@ -67,6 +67,50 @@ class ArmConfig(_Strict):
     learning_rate: float = Field(gt=0.0, le=10.0)
 
 
+class PrivacyConfig(_Strict):
+    """Differential privacy for the arms: none, DP-SGD on every node, or noise on the aggregate."""
+
+    # none; sample-level: DP-SGD with Opacus inside each node's training (PyTorch models);
+    # client-level: the server clips each node's update and adds Gaussian noise to their mean (any model)
+    mode: Literal["none", "sample-level", "client-level"] = "none"
+    # ε each node (sample-level) or the arm (client-level) may spend over all rounds, at `delta`
+    target_epsilon: float = Field(8.0, gt=0.0, le=100.0)
+    # run the private arms once per ε in this list, a privacy-accuracy sweep (empty: only target_epsilon)
+    epsilon_sweep: list[float] = Field(default_factory=list, max_length=8)
+    # δ of the (ε, δ) guarantee; must stay below 1/examples of every node (1/nodes for client-level)
+    delta: float = Field(1e-5, gt=0.0, lt=0.1)
+    # clipping norm: of each example's gradient (sample-level) or each node's update (client-level)
+    max_grad_norm: float = Field(1.0, gt=0.0, le=1e4)
+    # Opacus accountant that calibrates the noise and reports ε: rdp or prv
+    accountant: Literal["rdp", "prv"] = "rdp"
+    # a fixed noise multiplier instead of calibrating it to target_epsilon (empty: calibrate);
+    # a run whose fixed noise cannot meet the target fails before training
+    noise_multiplier: float | None = Field(None, gt=0.0, le=1000.0)
+    # which arms train privately: both, large or small (the other trains without DP)
+    arms: Literal["both", "large", "small"] = "both"
+    # also train the private arms without DP, for the accuracy that privacy costs
+    compare_without_dp: bool = False
+
+    @field_validator("epsilon_sweep")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        """Accept distinct positive ε values, sorted."""
+        if any(not 0 < eps <= 100 for eps in value):
+            raise ValueError(f"every ε must be in (0, 100], got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"ε values must be distinct, got {value}")
+        return sorted(value)
+
+    @property
+    def epsilons(self) -> list[float]:
+        """Return the ε of every private run of an arm: the sweep, or target_epsilon alone."""
+        return list(self.epsilon_sweep) or [self.target_epsilon]
+
+    def covers(self, kind: str) -> bool:
+        """Return whether the arm ``kind`` ("large" or "small") trains privately."""
+        return self.mode != "none" and self.arms in ("both", kind)
+
+
 LARGE_MODELS = ("auto", "cnn", "mlp")
 SMALL_MODELS = ("logreg", "torch-logreg")
 
@@ -106,6 +150,8 @@ class CompareConfig(_Strict):
     resume_from: str = ""
     # times Prefect retries an arm that failed; a retry resumes after the last stored round
     arm_retries: int = Field(1, ge=0, le=10)
+    # differential privacy (off by default; the federated-compare/private deployment sweeps ε)
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @field_validator("resume_from")
     @classmethod
@@ -144,6 +190,12 @@ class CompareConfig(_Strict):
             raise ValueError(
                 f"small.model: expected one of {', '.join(SMALL_MODELS)}, got {self.small.model!r}"
             )
+        if self.privacy.mode == "sample-level" and self.privacy.covers("small") and self.small.model == "logreg":
+            raise ValueError(
+                "privacy.mode: sample-level DP-SGD (Opacus) trains PyTorch models, but small.model is the "
+                "scikit-learn 'logreg': set small.model to 'torch-logreg', privacy.mode to 'client-level', "
+                "or privacy.arms to 'large'"
+            )
         return self
 
 
@@ -166,8 +218,8 @@ def resolve_superlink(config: CompareConfig) -> str:
     return config.superlink or os.environ.get("FEDCOMPARE_SUPERLINK") or DEFAULT_SUPERLINK
 
 
-def parse_overrides(text: str) -> dict:
-    """Parse ``text`` (a JSON object of CompareConfig fields) and validate it; return the dict.
+def parse_overrides(text: str, base: dict | None = None) -> dict:
+    """Parse ``text`` (a JSON object of CompareConfig fields), merge it over ``base`` and validate; return the dict.
 
     Raises:
         ValueError: one line naming the offending field(s) and what was expected.
@@ -179,11 +231,36 @@ def parse_overrides(text: str) -> dict:
                          "'{\"rounds\": 8, \"assignment\": \"by-tier\"}'") from None
     if not isinstance(overrides, dict):
         raise ValueError(f"--config must be a JSON object of CompareConfig fields, got {type(overrides).__name__}")
+    overrides = merge(base or {}, overrides)
     try:
         CompareConfig.model_validate(overrides)
     except ValidationError as exc:
         raise ValueError(f"--config: {describe_errors(exc)}") from None
     return overrides
+
+
+def deployment_config(name: str, root: Path | None = None) -> dict:
+    """Return the CompareConfig fields that deployment ``name`` of prefect.yaml sets (``parameters.config``).
+
+    Raises:
+        ValueError: prefect.yaml declares no such deployment.
+    """
+    import yaml
+
+    path = (root or Path(__file__).resolve().parents[1]) / "prefect.yaml"
+    deployments = {d["name"]: d for d in yaml.safe_load(path.read_text()).get("deployments", [])}
+    if name not in deployments:
+        raise ValueError(f"no deployment {name!r} in {path}: expected one of {', '.join(deployments)}")
+    return dict((deployments[name].get("parameters") or {}).get("config") or {})
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Return ``base`` with ``overrides`` applied, nested objects merged key by key."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
 
 
 def describe_errors(exc: ValidationError) -> str:

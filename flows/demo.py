@@ -1,4 +1,4 @@
-"""Run the `federated-compare/local` deployment, follow it, and print the report summary."""
+"""Run a `federated-compare` deployment (`local` by default), follow it, and print the report summary."""
 
 from __future__ import annotations
 
@@ -17,31 +17,32 @@ _FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 async def follow_flow_run(
-    settings: StackSettings, parameters: dict, timeout_s: float, console: Console
-) -> tuple[str, str]:
-    """Create a flow run of the deployment and wait for a final state; return (id, state)."""
+    settings: StackSettings, parameters: dict, timeout_s: float, console: Console, deployment: str = DEPLOYMENT
+) -> tuple[str, str, str]:
+    """Create a flow run of ``deployment`` and wait for a final state; return (id, state, state message)."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    flow_run = await run_deployment(DEPLOYMENT, parameters=parameters, timeout=0)
+    flow_run = await run_deployment(deployment, parameters=parameters, timeout=0)
     console.print(f"flow run: {settings.prefect_ui}/runs/flow-run/{flow_run.id}", soft_wrap=True)
     store = open_store(os.environ["FEDCOMPARE_STORE"])
     run_key = parameters.get("config", {}).get("resume_from") or str(flow_run.id)  # where the store keeps it
     deadline = time.monotonic() + timeout_s
-    state = "SCHEDULED"
+    state, message = "SCHEDULED", ""
     async with get_client() as client:
         with console.status("waiting for the flow run…") as spinner:
             while time.monotonic() < deadline:
                 current = await client.read_flow_run(flow_run.id)
                 state = current.state.type.value if current.state else "SCHEDULED"
                 name = current.state.name if current.state else state
+                message = (current.state.message or "") if current.state else ""
                 spinner.update(f"flow run {current.name}: {name}{_rounds_done(store, run_key)}")
                 if state in _FINAL:
                     break
                 await asyncio.sleep(2)
     if state not in _FINAL:
         state = f"still {state} after the --timeout of {timeout_s:.0f} s"
-    return str(flow_run.id), state
+    return str(flow_run.id), state, message
 
 
 def _rounds_done(store, run_key: str) -> str:
@@ -57,15 +58,19 @@ def _rounds_done(store, run_key: str) -> str:
     return "".join(f" · {part}" for part in parts)
 
 
-def run_demo(settings: StackSettings, *, overrides: dict, timeout_s: float) -> int:
-    """Run the deployment on the local stack and print where to watch it and its summary."""
+def run_demo(settings: StackSettings, *, overrides: dict, timeout_s: float, deployment: str = DEPLOYMENT) -> int:
+    """Run ``deployment`` on the local stack and print where to watch it and its summary.
+
+    ``overrides`` is the whole CompareConfig to run (the deployment's own settings merged in).
+    """
     console = Console()
     os.environ.update({k: v for k, v in settings.env().items() if k.startswith(("PREFECT_", "FEDCOMPARE_"))})
     parameters = {"config": overrides} if overrides else {}
-    run_id, state = asyncio.run(follow_flow_run(settings, parameters, timeout_s, console))
+    run_id, state, message = asyncio.run(follow_flow_run(settings, parameters, timeout_s, console, deployment))
     url = f"{settings.prefect_ui}/runs/flow-run/{run_id}"
     if state != "COMPLETED":
-        console.print(f"[red]flow run ended {state}[/]: see {url} and {settings.state_dir}/logs", soft_wrap=True)
+        console.print(f"[red]flow run ended {state}[/]{': ' + message if message else ''}", soft_wrap=True)
+        console.print(f"see {url} and {settings.state_dir}/logs", soft_wrap=True)
         return 1
     store = open_store(os.environ["FEDCOMPARE_STORE"])
     run_key = overrides.get("resume_from") or run_id

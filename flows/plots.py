@@ -78,14 +78,53 @@ def accuracy_vs_cost(arms: dict[str, list[dict[str, Any]]], target: float, *, cu
     return _png(fig)
 
 
+def accuracy_vs_epsilon(arms: dict[str, dict[str, Any]], target: float) -> bytes:
+    """Plot final accuracy against ε spent for each kind of model, with its non-private accuracy and references.
+
+    Private arms of one kind (``kind``: large or small) form one line over their ε; the
+    same kind trained without DP, when it ran, is a dashed line; each private arm's DP
+    central reference (same ε, pooled data) is a hollow marker.
+    """
+    fig, ax = _figure()
+    kinds = sorted({s.get("kind", arm) for arm, s in arms.items()})
+    for index, kind in enumerate(kinds):
+        color = _color(kind, index)
+        private = sorted((s for s in arms.values() if s.get("kind") == kind and s.get("privacy")),
+                         key=lambda s: s["privacy"]["epsilon"])
+        if private:
+            model = private[0]["model"]
+            ax.plot([s["privacy"]["epsilon"] for s in private], [s["final_accuracy"] for s in private],
+                    marker="o", color=color, label=f"{kind} ({model}), federated with DP")
+            refs = [(s["privacy"]["epsilon"], s["reference"]["accuracy"]) for s in private
+                    if (s.get("reference") or {}).get("privacy")]
+            if refs:
+                ax.plot(*zip(*refs), marker="o", markerfacecolor="none", linestyle="none", color=color,
+                        label=f"{kind} central DP-SGD reference")
+        plain = arms.get(kind)
+        if plain and not plain.get("privacy"):
+            ax.axhline(plain["final_accuracy"], color=color, linestyle="--", linewidth=1,
+                       label=f"{kind} without DP")
+    ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("ε spent (log scale; smaller = more private)")
+    ax.set_ylabel("final accuracy (central test set)")
+    ax.set_title("Accuracy against privacy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
+    return _png(fig)
+
+
 def report_plots(report: dict[str, Any]) -> list[tuple[str, str, bytes]]:
     """Return the report's plots as (file stem, caption, PNG bytes)."""
     target = report["target_accuracy"]
-    return [
+    plots = [
         ("accuracy", "Accuracy per round", accuracy_per_round(report["arms"], target)),
         ("cost", "Accuracy against cost",
          accuracy_vs_cost({arm: s["per_round"] for arm, s in report["arms"].items()}, target)),
     ]
+    if any(s.get("privacy") for s in report["arms"].values()):
+        plots.append(("privacy", "Accuracy against privacy (ε)", accuracy_vs_epsilon(report["arms"], target)))
+    return plots
 
 
 def data_uri(png: bytes) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 
 from flows.decision import CostModel, price, recommend, round_costs, time_to_target
 
-REPORT_VERSION = 2  # 2: cost, time to target, recommendation
+REPORT_VERSION = 3  # 2: cost, time to target, recommendation; 3: privacy
 
 
 def model_size(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -74,6 +74,45 @@ def node_costs(rounds: list[dict], cost: CostModel) -> list[dict[str, Any]]:
     return [nodes[node] for node in sorted(nodes)]
 
 
+def privacy_summary(rounds: list[dict]) -> dict[str, Any] | None:
+    """Return what an arm's rounds spent in privacy, with every accountant input (None: not private).
+
+    Sample-level: per node, the (noise multiplier, sample rate, steps) of every round it
+    trained and the ε its ledger reported; the arm's ε is the largest over its nodes.
+    Client-level: the server's per-round history and ε. Nodes that refused a round
+    because their budget was spent are listed in ``refused``.
+    """
+    private = [r["privacy"] for r in rounds if r.get("privacy")]
+    if not private:
+        return None
+    last = private[-1]
+    summary: dict[str, Any] = {k: last[k] for k in ("mode", "accountant", "delta", "target_epsilon")}
+    refused = [{"round": r["round"], "node_id": f["node_id"], "reason": f["reason"]}
+               for r in rounds for f in r.get("failures", []) if "privacy budget exhausted" in str(f["reason"])]
+    if last["mode"] == "client-level":
+        summary.update(
+            epsilon=last["epsilon"], noise_multiplier=last["noise_multiplier"], clipping_norm=last["clipping_norm"],
+            history=last["history"], nodes={},
+        )
+    else:
+        nodes: dict[str, dict[str, Any]] = {}
+        for p in private:
+            for node, n in p["nodes"].items():
+                entry = nodes.setdefault(node, {"history": [], "epsilon": 0.0, "node_epsilon": 0.0})
+                entry["history"].append([n["noise_multiplier"], n["sample_rate"], n["steps"]])
+                entry["epsilon"], entry["node_epsilon"] = n["epsilon"], n["node_epsilon"]
+                entry["max_grad_norm"] = n["max_grad_norm"]
+        sigmas = sorted({h[0] for n in nodes.values() for h in n["history"]})
+        summary.update(
+            epsilon=max((n["epsilon"] for n in nodes.values()), default=0.0),
+            noise_multiplier=sigmas[0] if len(sigmas) == 1 else sigmas,
+            clipping_norm=next((n["max_grad_norm"] for n in nodes.values()), None), nodes=nodes,
+        )
+    summary["refused"] = refused
+    summary["within_target"] = summary["epsilon"] <= summary["target_epsilon"] + 0.01
+    return summary
+
+
 def summarize_arm(
     arm: str,
     rounds: list[dict],
@@ -120,6 +159,7 @@ def summarize_arm(
         "reference": reference,
         "gap_to_reference": (reference["accuracy"] - final["central"]["accuracy"]) if reference else None,
         "dropped": [f for r in rounds for f in r.get("failures", [])],
+        "privacy": privacy_summary(rounds),
         "per_round": [
             {
                 "round": r["round"],
@@ -159,7 +199,22 @@ def build_report(
     target_accuracy: float,
     versions: dict[str, str],
 ) -> dict[str, Any]:
-    """Assemble the self-describing report: config, federation, per-arm summaries, the recommendation."""
+    """Assemble the self-describing report: config, federation, per-arm summaries, the recommendation.
+
+    When the config asks for privacy, only private arms that stayed within their target ε
+    can be recommended; each private arm also gets the accuracy gap to the same kind of
+    model trained without DP in this run (``gap_to_non_private``), when one was.
+    """
+    privacy_on = (config.get("privacy") or {}).get("mode", "none") != "none"
+    for s in arms.values():
+        s.setdefault("kind", s["arm"].split("-")[0])
+        plain = arms.get(s["kind"])
+        s["gap_to_non_private"] = (
+            plain["final_accuracy"] - s["final_accuracy"] if s.get("privacy") and plain and not plain.get("privacy")
+            else None
+        )
+    privacy_ok = ({name: bool(s.get("privacy") and s["privacy"]["within_target"]) for name, s in arms.items()}
+                  if privacy_on else None)
     return {
         "report_version": REPORT_VERSION,
         "run_key": run_key,
@@ -169,7 +224,7 @@ def build_report(
         "target_accuracy": target_accuracy,
         "federation": federation,
         "arms": arms,
-        "recommendation": recommend(arms, target_accuracy),
+        "recommendation": recommend(arms, target_accuracy, privacy_ok=privacy_ok),
     }
 
 
@@ -199,9 +254,49 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "$ total": round(s["total_usd"], 6),
                 "kWh total": round(s["total_kwh"], 6),
                 "peak node MB": round(s["peak_rss_mb"], 1),
+                "DP ε spent": round(s["privacy"]["epsilon"], 3) if s.get("privacy") else None,
             }
         )
     return rows
+
+
+def privacy_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return one row per private arm: guarantee, noise, accuracy and what privacy cost it."""
+    rows = []
+    for arm, s in report["arms"].items():
+        p = s.get("privacy")
+        if not p:
+            continue
+        reference = s["reference"] or {}
+        rows.append({
+            "arm": arm, "model": s["model"], "mode": p["mode"], "target ε": p["target_epsilon"],
+            "ε spent": round(p["epsilon"], 3), "δ": p["delta"], "accountant": p["accountant"],
+            "noise multiplier": p["noise_multiplier"] if isinstance(p["noise_multiplier"], list)
+            else round(p["noise_multiplier"], 4),
+            "clipping norm": p["clipping_norm"], "final accuracy": round(s["final_accuracy"], 4),
+            "accuracy lost to DP": _round_or_none(s.get("gap_to_non_private"), 4),
+            "central reference": round(reference["accuracy"], 4) if reference else None,
+            "reference is private": bool(reference.get("privacy")),
+            "rounds refused": len(p["refused"]),
+        })
+    return rows
+
+
+PRIVACY_EXPLAINED = (
+    "**What the privacy numbers mean.** Differential privacy (DP) limits how much any single "
+    "training example (*sample-level*: DP-SGD on each node, with Opacus) or any single node's whole "
+    "dataset (*client-level*: noise added by the server to the average of the nodes' clipped updates) "
+    "can change the model. ε measures that limit: a smaller ε means stronger privacy — at ε = 1 an "
+    "attacker holding the model learns almost nothing about whether an example was used; ε = 8 is a "
+    "common practical setting. δ is the small probability with which the guarantee may fail; it is "
+    "kept below 1 divided by the number of examples (nodes for client-level). The privacy comes from "
+    "random noise, so private models are less accurate; *accuracy lost to DP* is the difference to the "
+    "same model trained in this run without DP, and the *central reference* of a private arm is the "
+    "same model trained with DP-SGD at the same ε on the pooled data. ε is computed with an Opacus "
+    "accountant from the inputs stored per node and round in `report.json` "
+    "(`arms.<arm>.privacy`), so it can be recomputed independently. The guarantee covers the model "
+    "updates; in private runs nodes do not report their training loss."
+)
 
 
 def _round_or_none(value: float | None, digits: int) -> float | None:
@@ -264,6 +359,13 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
         "(`CompareConfig.cost`; sources in `flows/decision.py`).",
         "",
     ]
+    private = privacy_rows(report)
+    if private:
+        parts += ["## Privacy", PRIVACY_EXPLAINED, "", _table(private), ""]
+        for arm, s in report["arms"].items():
+            if s.get("privacy") and s["privacy"]["refused"]:
+                parts += [f"Rounds that nodes of {arm} sat out because their privacy budget was spent:",
+                          _table(s["privacy"]["refused"]), ""]
     for caption, url in (images or {}).items():
         parts += [f"![{caption}]({url})", ""]
     for arm, s in report["arms"].items():

@@ -24,7 +24,8 @@ def _settings(args: argparse.Namespace) -> StackSettings:
     existing = StackSettings.load(state)
     wanted = {
         key: value
-        for key in ("prefect_port", "superlink_port", "node_base_port", "gpu_nodes", "cpu_nodes")
+        for key in ("prefect_port", "superlink_port", "node_base_port", "gpu_nodes", "cpu_nodes",
+                    "node_privacy_budget")
         if (value := getattr(args, key, None)) is not None
     }
     if existing and not wanted:
@@ -82,18 +83,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Start the stack if needed, run the deployment, and print the report summary."""
-    from flows.config import parse_overrides
+    from flows.config import deployment_config, parse_overrides
     from flows.demo import run_demo
 
     try:
-        overrides = parse_overrides(args.config)
+        overrides = parse_overrides(args.config, base=deployment_config(args.deployment))
         if args.rounds is not None:
             overrides = parse_overrides(json.dumps({**overrides, "rounds": args.rounds}))
     except ValueError as exc:
         raise StackError(str(exc)) from None
     settings = _settings(args)
     up(settings)
-    return run_demo(settings, overrides=overrides, timeout_s=args.timeout)
+    return run_demo(settings, overrides=overrides, timeout_s=args.timeout,
+                    deployment=f"{DEPLOYMENT.split('/')[0]}/{args.deployment}")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -148,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--node-base-port", type=int, help="first SuperNode Runtime API port (default 9101)")
         sub.add_argument("--gpu-nodes", type=int, help="SuperNodes of tier gpu (default 2)")
         sub.add_argument("--cpu-nodes", type=int, help="SuperNodes of tier cpu (default 2)")
+        sub.add_argument("--node-privacy-budget", type=float, metavar="EPSILON",
+                         help="lifetime ε each SuperNode lets DP-SGD spend on its data, over all runs "
+                         "(default: no limit; every node still keeps a privacy ledger)")
 
     sub = commands.add_parser("up", help="start the local stack in the background (idempotent)")
     stack_flags(sub)
@@ -166,6 +171,9 @@ def _parser() -> argparse.ArgumentParser:
         help='CompareConfig fields as JSON, e.g. \'{"assignment": "by-tier", "data": {"partitioning": "iid"}}\'',
     )
     sub.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the flow run")
+    sub.add_argument("--deployment", default="local", choices=("local", "private"),
+                     help="local: the comparison without DP (default); private: the DP sweep over ε "
+                     "(federated-compare/private in prefect.yaml); --config is merged over its settings")
     sub.set_defaults(func=_cmd_demo)
     sub = commands.add_parser("report", help="print a stored report and export it as JSON, CSV or HTML")
     sub.add_argument("run", help="flow-run id (the run key) of a federated-compare run, or `latest`")

@@ -50,10 +50,11 @@ class StackSettings:
     node_base_port: int = 9101
     gpu_nodes: int = 2
     cpu_nodes: int = 2
+    node_privacy_budget: float = 0.0  # lifetime ε per node's data; 0: no limit
     nodes: list[Node] = field(default_factory=list)
 
     @classmethod
-    def create(cls, state_dir: Path, **overrides: int) -> StackSettings:
+    def create(cls, state_dir: Path, **overrides: float) -> StackSettings:
         """Lay out the nodes for the given counts and ports."""
         base = cls(state_dir=str(state_dir), **overrides)
         tiers = ["gpu"] * base.gpu_nodes + ["cpu"] * base.cpu_nodes
@@ -176,8 +177,11 @@ def services(settings: StackSettings) -> list[Service]:
     # nodes share this host's cores: one torch thread pool each, not one per core each
     threads = str(max(1, (os.cpu_count() or 1) // max(1, len(settings.nodes))))
     for node in settings.nodes:
+        ledger = state / "nodes" / node.name / "privacy-ledger.json"
         node_config = (
-            f'partition-id={node.partition_id} num-partitions={node.num_partitions} tier="{node.tier}"'
+            f'partition-id={node.partition_id} num-partitions={node.num_partitions} tier="{node.tier}" '
+            f'privacy-ledger="{ledger}"'
+            + (f" privacy-budget={settings.node_privacy_budget}" if settings.node_privacy_budget else "")
         )
         found.append(
             Service(

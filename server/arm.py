@@ -16,9 +16,9 @@ from flwr.serverapp import Grid
 from clients.data import central_test, load_dataset
 from clients.models import build_model
 from clients.run_config import ArmRunConfig
-from infra.checkpoints import federation_key, load_latest, read_manifest, write_round
+from infra.checkpoints import federation_key, load_latest, read_manifest, round_metrics, write_round
 from infra.store import Store
-from server.strategy import ArmGrid, RecordingFedAvg
+from server.strategy import ArmGrid, ClientLevelDp, RecordingFedAvg
 
 log = logging.getLogger("fedcompare.server")
 
@@ -66,7 +66,7 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
     dataset = load_dataset(run.dataset, label_column=run.label_column)
     test = central_test(dataset, central_test_fraction=run.central_test_fraction, seed=run.seed)
     model = build_model(run.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                        seed=run.seed, device="cpu")
+                        seed=run.seed, device="cpu", private=run.privacy_mode == "sample-level")
     done, initial = _resume_point(store, run, model.get_arrays())
     if done >= run.num_rounds:
         log.info("arm %s: all %d rounds are already in the store; nothing to do", run.arm, run.num_rounds)
@@ -78,7 +78,11 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
         min_train_nodes=num_nodes, min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes,
         evaluate_rounds=None if run.node_evaluation == "every-round" else {run.num_rounds},
         round_offset=done,
+        # client-level DP bounds each node's influence on the mean, so the nodes weigh the same
+        weighted_by_key="dp-unit-weight" if run.privacy_mode == "client-level" else "num-examples",
     )
+    privacy = _Privacy(run, num_nodes, _stored_history(store, run, done))
+    runner = privacy.wrap(strategy)
     arm_config = {k: v for k, v in vars(run).items() if k not in ("mode",)}
     train_config = ConfigRecord(
         {"local-epochs": run.local_epochs, "batch-size": run.batch_size, "learning-rate": run.learning_rate}
@@ -115,12 +119,13 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
             "central_evaluate_seconds": central_seconds,
             "finished_at": _now(),
             "resumed_after_round": done,
+            **privacy.round_record(record),
         }
         write_round(store, run.run_key, run.arm, server_round, named, metrics, arm_config)
         log.info("arm %s round %d: central accuracy %.4f", run.arm, server_round, central["accuracy"])
         return MetricRecord({"accuracy": float(central["accuracy"])})
 
-    strategy.start(
+    runner.start(
         grid=arm_grid,
         initial_arrays=_to_record(model.get_arrays()),
         num_rounds=run.num_rounds - done,
@@ -129,6 +134,73 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
         evaluate_config=ConfigRecord({}),
         evaluate_fn=checkpoint,
     )
+
+
+class _Privacy:
+    """The arm's differential privacy as the server sees it: the client-level wrapper and every round's accounting.
+
+    Sample-level: the nodes run DP-SGD and report their accountant inputs; the round
+    records them per node (ε of the arm = max over nodes). Client-level: Flower's
+    ``DifferentialPrivacyServerSideFixedClipping`` clips each update to
+    ``max_grad_norm`` and adds noise of ``σ·C/n`` to the mean of the ``n`` nodes; when
+    only ``m < n`` nodes reply, that noise is ``σ·m/n`` times the mean's sensitivity
+    ``C/m``, and the round is accounted with that smaller multiplier.
+    """
+
+    def __init__(self, run: ArmRunConfig, num_nodes: int, history: list[list[float]]) -> None:
+        self.run, self.num_nodes, self.history = run, num_nodes, history
+        self.plan = None
+        if run.privacy_mode == "client-level":
+            from privacy.accounting import plan_client_level
+
+            self.plan = plan_client_level(num_nodes=num_nodes, sampled_nodes=num_nodes, rounds=run.num_rounds,
+                                          clipping_norm=run.max_grad_norm, **run.privacy_kwargs())
+
+    def wrap(self, strategy):
+        """Return the strategy to run: ``strategy`` itself, or wrapped for client-level DP."""
+        if self.plan is None:
+            return strategy
+        log.info("arm %s: client-level DP, noise multiplier %.4f, clipping norm %g, %d nodes", self.run.arm,
+                 self.plan.noise_multiplier, self.plan.max_grad_norm, self.num_nodes)
+        return ClientLevelDp(
+            strategy, noise_multiplier=self.plan.noise_multiplier, clipping_norm=self.plan.max_grad_norm,
+            num_sampled_clients=self.num_nodes,
+        )
+
+    def round_record(self, record) -> dict[str, Any]:
+        """Return the ``privacy`` entry of a round's metrics (nothing when the arm is not private)."""
+        run = self.run
+        if run.privacy_mode == "none":
+            return {}
+        base = {"mode": run.privacy_mode, "accountant": run.accountant, "delta": run.delta,
+                "target_epsilon": run.target_epsilon}
+        if run.privacy_mode == "sample-level":
+            nodes = {
+                str(node): {"noise_multiplier": m["dp-noise-multiplier"], "sample_rate": m["dp-sample-rate"],
+                            "steps": int(m["dp-steps"]), "max_grad_norm": m["dp-max-grad-norm"],
+                            "epsilon": m["dp-epsilon"], "node_epsilon": m["dp-node-epsilon"]}
+                for node, m in sorted(record.train.items()) if "dp-epsilon" in m
+            }
+            return {"privacy": {**base, "nodes": nodes}}
+        from privacy.accounting import Mechanism, epsilon
+
+        replies = len(record.train)
+        effective = self.plan.noise_multiplier * replies / self.num_nodes if replies else None
+        if effective:
+            self.history.append([effective, self.plan.sample_rate, 1])
+        spent = epsilon([Mechanism(*h) for h in self.history], delta=run.delta, accountant=run.accountant)
+        return {"privacy": {**base, "noise_multiplier": self.plan.noise_multiplier,
+                            "effective_noise_multiplier": effective, "clipping_norm": self.plan.max_grad_norm,
+                            "replies": replies, "num_nodes": self.num_nodes,
+                            "history": [list(h) for h in self.history], "epsilon": spent}}
+
+
+def _stored_history(store: Store, run: ArmRunConfig, done: int) -> list[list[float]]:
+    """Return the client-level accountant history of the rounds already stored (a resumed arm goes on from it)."""
+    if not done or run.privacy_mode != "client-level":
+        return []
+    last = round_metrics(store, run.run_key, run.arm)[done - 1]
+    return [list(h) for h in last.get("privacy", {}).get("history", [])]
 
 
 def _resume_point(store: Store, run: ArmRunConfig, fresh: dict[str, np.ndarray]) -> tuple[int, dict]:

@@ -13,7 +13,7 @@ REPLY_POLL_S = 0.25
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 
@@ -145,10 +145,10 @@ class RecordingFedAvg(FedAvg):
         replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
         log = self.rounds[server_round]
         log.trained = time.time()
+        self.note_failures(server_round - self.round_offset, replies, "train")
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log.failures.append({"node_id": node, "phase": "train", "reason": reply.error.reason})
                 continue
             log.train[node] = dict(reply.content["metrics"])
             log.count(node, "up", serialized_bytes(reply.content))
@@ -156,6 +156,14 @@ class RecordingFedAvg(FedAvg):
         result = super().aggregate_train(server_round, replies)
         log.aggregate_seconds = time.perf_counter() - started
         return result
+
+    def note_failures(self, server_round: int, replies: Iterable[Message], phase: str) -> None:
+        """Record the error replies of ``phase`` in round ``server_round`` (Flower's count) with their reasons."""
+        log = self.rounds.setdefault(server_round + self.round_offset, RoundLog())
+        for reply in replies:
+            if reply.has_error():
+                log.failures.append(
+                    {"node_id": reply.metadata.src_node_id, "phase": phase, "reason": reply.error.reason})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -175,11 +183,35 @@ class RecordingFedAvg(FedAvg):
         server_round += self.round_offset
         replies = list(replies)
         log = self.rounds.setdefault(server_round, RoundLog())
+        self.note_failures(server_round - self.round_offset, replies, "evaluate")
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log.failures.append({"node_id": node, "phase": "evaluate", "reason": reply.error.reason})
                 continue
             log.evaluate[node] = dict(reply.content["metrics"])
             log.count(node, "up", serialized_bytes(reply.content))
         return super().aggregate_evaluate(server_round, replies)
+
+
+class ClientLevelDp(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed-clipping DP around a ``RecordingFedAvg``, going on when some nodes fail.
+
+    Flower's wrapper skips a round's aggregation when any reply is an error; here the
+    failed replies are recorded and the round aggregates the others. The noise stays
+    calibrated to all ``num_sampled_clients`` nodes, so such a round has a smaller
+    effective noise multiplier — the arm's accounting (``server.arm``) uses it.
+    """
+
+    strategy: RecordingFedAvg
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record the failed replies, then clip, average and noise the others."""
+        replies = list(replies)
+        self.strategy.note_failures(server_round, replies, "train")
+        answered = [reply for reply in replies if not reply.has_error()]
+        if not answered:
+            self._pop_pending_event(server_round)
+            return None, None
+        return super().aggregate_train(server_round, answered)
