@@ -7,6 +7,7 @@ import os
 import time
 
 from rich.console import Console
+from rich.markup import escape
 
 from flows.export import print_summary
 from infra.checkpoints import CheckpointError, read_manifest, report_key
@@ -69,7 +70,7 @@ def run_demo(settings: StackSettings, *, overrides: dict, timeout_s: float, depl
     run_id, state, message = asyncio.run(follow_flow_run(settings, parameters, timeout_s, console, deployment))
     url = f"{settings.prefect_ui}/runs/flow-run/{run_id}"
     if state != "COMPLETED":
-        console.print(f"[red]flow run ended {state}[/]{': ' + message if message else ''}", soft_wrap=True)
+        console.print(f"[red]flow run ended {state}[/]{': ' + escape(message) if message else ''}", soft_wrap=True)
         console.print(f"see {url} and {settings.state_dir}/logs", soft_wrap=True)
         return 1
     store = open_store(os.environ["FEDCOMPARE_STORE"])

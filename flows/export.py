@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from flows.plots import data_uri, report_plots
-from flows.report import REPORT_VERSION, format_cell, summary_rows
+from flows.report import PRIVACY_EXPLAINED, READABLE_VERSIONS, format_cell, privacy_rows, summary_rows
 from infra.checkpoints import report_key
 from infra.store import ObjectNotFound, Store
 
@@ -42,10 +42,11 @@ def find_report(store: Store, ref: str) -> dict[str, Any]:
 def _readable(report: dict[str, Any], store: Store) -> dict[str, Any]:
     """Return ``report`` if this version of fedcompare can render it; raise LookupError otherwise."""
     version = report.get("report_version")
-    if version != REPORT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise LookupError(
             f"report {report.get('run_key')!r} in {store.uri} has format version {version}, this fedcompare "
-            f"reads version {REPORT_VERSION}: re-run the comparison, or read its report.json directly"
+            f"reads versions {', '.join(map(str, READABLE_VERSIONS))}: re-run the comparison, or read its "
+            "report.json directly"
         )
     return report
 
@@ -99,6 +100,11 @@ def to_html(report: dict[str, Any]) -> str:
         + _html_table([{k: r.get(k) for k in _CSV_COLUMNS[2:]} for r in s["per_round"]])
         for arm, s in report["arms"].items()
     )
+    private = privacy_rows(report)
+    privacy = (
+        "<h2>Privacy</h2><p>" + html.escape(PRIVACY_EXPLAINED.replace("**", "").replace("`", "")) + "</p>"
+        + _html_table(private) if private else ""
+    )
     title = f"federated-compare report {report['run_key']}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -119,6 +125,7 @@ target accuracy {report['target_accuracy']}; created {html.escape(report['create
 <ul>{changes}</ul>
 <h2>Summary</h2>
 {_html_table(summary_rows(report))}
+{privacy}
 {plots}
 {arms}
 </body></html>

@@ -10,6 +10,7 @@ import numpy as np
 from flows.decision import CostModel, price, recommend, round_costs, time_to_target
 
 REPORT_VERSION = 3  # 2: cost, time to target, recommendation; 3: privacy
+READABLE_VERSIONS = (2, 3)  # 3 only adds keys: a version-2 report reads as one without privacy
 
 
 def model_size(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -107,6 +108,7 @@ def privacy_summary(rounds: list[dict]) -> dict[str, Any] | None:
             epsilon=max((n["epsilon"] for n in nodes.values()), default=0.0),
             noise_multiplier=sigmas[0] if len(sigmas) == 1 else sigmas,
             clipping_norm=next((n["max_grad_norm"] for n in nodes.values()), None), nodes=nodes,
+            model_fixes=last.get("model_fixes", []),
         )
     summary["refused"] = refused
     summary["within_target"] = summary["epsilon"] <= summary["target_epsilon"] + 0.01
@@ -278,6 +280,8 @@ def privacy_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "central reference": round(reference["accuracy"], 4) if reference else None,
             "reference is private": bool(reference.get("privacy")),
             "rounds refused": len(p["refused"]),
+            "layers replaced for Opacus": "; ".join(p.get("model_fixes") or []) or
+            ("none needed" if p["mode"] == "sample-level" else "n/a"),
         })
     return rows
 

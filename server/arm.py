@@ -81,7 +81,7 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
         # client-level DP bounds each node's influence on the mean, so the nodes weigh the same
         weighted_by_key="dp-unit-weight" if run.privacy_mode == "client-level" else "num-examples",
     )
-    privacy = _Privacy(run, num_nodes, _stored_history(store, run, done))
+    privacy = _Privacy(run, num_nodes, _stored_history(store, run, done), getattr(model, "dp_fixes", []))
     runner = privacy.wrap(strategy)
     arm_config = {k: v for k, v in vars(run).items() if k not in ("mode",)}
     train_config = ConfigRecord(
@@ -147,8 +147,8 @@ class _Privacy:
     ``C/m``, and the round is accounted with that smaller multiplier.
     """
 
-    def __init__(self, run: ArmRunConfig, num_nodes: int, history: list[list[float]]) -> None:
-        self.run, self.num_nodes, self.history = run, num_nodes, history
+    def __init__(self, run: ArmRunConfig, num_nodes: int, history: list[list[float]], fixes: list[str]) -> None:
+        self.run, self.num_nodes, self.history, self.fixes = run, num_nodes, history, fixes
         self.plan = None
         if run.privacy_mode == "client-level":
             from privacy.accounting import plan_client_level
@@ -181,7 +181,7 @@ class _Privacy:
                             "epsilon": m["dp-epsilon"], "node_epsilon": m["dp-node-epsilon"]}
                 for node, m in sorted(record.train.items()) if "dp-epsilon" in m
             }
-            return {"privacy": {**base, "nodes": nodes}}
+            return {"privacy": {**base, "nodes": nodes, "model_fixes": self.fixes}}
         from privacy.accounting import Mechanism, epsilon
 
         replies = len(record.train)

@@ -27,6 +27,7 @@ from clients.models import build_model
 from flows.config import CompareConfig
 from infra.checkpoints import load_latest, load_round, read_manifest, report_key
 from infra.store import open_store
+from tests.accounting import independent_epsilon
 
 pytestmark = pytest.mark.integration
 FEDCOMPARE = str(Path(sys.executable).parent / "fedcompare")
@@ -71,7 +72,7 @@ def stack(tmp_path_factory):
     """A running local stack on free ports; always stopped afterwards."""
     state = tmp_path_factory.mktemp("stack")
     ports = ["--prefect-port", str(_free_port()), "--superlink-port", str(_free_port()),
-             "--node-base-port", str(_free_block(4))]
+             "--node-base-port", str(_free_block(4)), "--node-privacy-budget", str(NODE_BUDGET)]
     try:
         started = _cli(state, "up", *ports)
         assert started.returncode == 0, started.stdout + started.stderr
@@ -95,10 +96,31 @@ def demo_run(stack):
     return _demo(stack, "--rounds", str(ROUNDS))
 
 
+# node-0 (tier gpu) has already spent far more than its lifetime budget on an earlier run
+NODE_BUDGET = 50.0
+SPENT_EARLIER = {"run_key": "earlier", "arm": "large", "round": 1, "accountant": "rdp", "delta": 1e-5,
+                 "noise_multiplier": 0.5, "sample_rate": 1.0, "steps": 200, "charged_at": "2026-01-01T00:00:00+00:00"}
+PRIVATE_BY_TIER = {
+    "assignment": "by-tier", "rounds": 2, "data": {"dataset": "digits"},
+    "small": {"model": "torch-logreg", "learning_rate": 0.05, "local_epochs": 2},
+    "privacy": {"mode": "sample-level", "target_epsilon": 8.0},
+}
+
+
 @pytest.fixture(scope="module")
-def by_tier_run(stack):
-    """The by-tier assignment for 1 round."""
-    return _demo(stack, "--rounds", "1", "--config", '{"assignment": "by-tier"}')
+def private_by_tier_run(stack):
+    """Sample-level DP with the by-tier assignment for 2 rounds; node-0's privacy budget is already spent."""
+    ledger = stack / "nodes" / "node-0" / "privacy-ledger.json"
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger.write_text(json.dumps({"version": 1, "entries": [SPENT_EARLIER]}))
+    return _demo(stack, "--config", json.dumps(PRIVATE_BY_TIER))
+
+
+@pytest.fixture(scope="module")
+def client_level_run(stack):
+    """Client-level DP for the scikit-learn small model, 2 rounds on all nodes."""
+    config = {"rounds": 2, "data": {"dataset": "digits"}, "privacy": {"mode": "client-level", "arms": "small"}}
+    return _demo(stack, "--config", json.dumps(config))
 
 
 def _prefect(state: Path, coroutine_fn):
@@ -193,18 +215,87 @@ def test_store_holds_every_round_of_both_arms_and_the_report_matches_the_checkpo
     assert report["arms"]["large"]["nodes"] == report["arms"]["small"]["nodes"]  # all-nodes
 
 
-def test_by_tier_trains_large_on_gpu_nodes_and_small_on_cpu_nodes(by_tier_run):
-    state, run_id, _ = by_tier_run
+def _node_id(report: dict, partition: int) -> int:
+    """Return the Flower node id of the stack's node holding ``partition``."""
+    return next(n["node_id"] for n in report["federation"]["nodes"] if n["partition-id"] == partition)
+
+
+def test_by_tier_trains_large_on_gpu_nodes_and_small_on_cpu_nodes(private_by_tier_run):
+    state, run_id, _ = private_by_tier_run
     store = open_store(f"file://{state}/store")
     report = store.get_json(report_key(run_id))
     tiers = {node["node_id"]: node["tier"] for node in report["federation"]["nodes"]}
+    spent = _node_id(report, 0)
 
     assert report["config"]["assignment"] == "by-tier"
-    for arm, tier in (("large", "gpu"), ("small", "cpu")):
+    for arm, tier in (("large-eps8", "gpu"), ("small-eps8", "cpu")):
         nodes = report["arms"][arm]["nodes"]
         assert len(nodes) == 2 and {tiers[n] for n in nodes} == {tier}
-        _, metrics = load_round(store, run_id, arm, 1)
-        assert sorted(n["node_id"] for n in metrics["nodes"]) == sorted(nodes)
+        for server_round in (1, 2):
+            _, metrics = load_round(store, run_id, arm, server_round)
+            assert sorted(n["node_id"] for n in metrics["nodes"]) == sorted(set(nodes) - {spent})
+
+
+def test_private_arms_stay_within_the_target_and_epsilon_recomputes_from_the_report(private_by_tier_run):
+    state, run_id, _ = private_by_tier_run
+    report = open_store(f"file://{state}/store").get_json(report_key(run_id))
+
+    for arm in ("large-eps8", "small-eps8"):
+        privacy = report["arms"][arm]["privacy"]
+        assert privacy["mode"] == "sample-level" and privacy["within_target"]
+        assert len(privacy["nodes"]) == (1 if arm.startswith("large") else 2)
+        for node in privacy["nodes"].values():
+            assert len(node["history"]) == 2, "one accountant entry per trained round"
+            assert 0 < node["epsilon"] <= 8.0
+            recomputed = independent_epsilon(node["history"], privacy["delta"], privacy["accountant"])
+            assert recomputed == pytest.approx(node["epsilon"], rel=0.01)
+        reference = report["arms"][arm]["reference"]
+        assert reference["privacy"]["mode"] == "sample-level" and reference["privacy"]["epsilon"] <= 8.0
+        assert privacy["epsilon"] == max(n["epsilon"] for n in privacy["nodes"].values())
+
+
+def test_a_node_whose_budget_is_spent_sits_out_and_the_report_says_so(private_by_tier_run):
+    state, run_id, _ = private_by_tier_run
+    report = open_store(f"file://{state}/store").get_json(report_key(run_id))
+    spent = _node_id(report, 0)
+
+    refused = report["arms"]["large-eps8"]["privacy"]["refused"]
+    assert [(r["round"], r["node_id"]) for r in refused] == [(1, spent), (2, spent)]
+    assert all("above its budget 50.0" in r["reason"] for r in refused)
+    assert report["arms"]["large-eps8"]["rounds"] == 2, "the rounds went on with the other node"
+    ledger = json.loads((state / "nodes" / "node-0" / "privacy-ledger.json").read_text())
+    assert ledger["entries"] == [SPENT_EARLIER], "a refused round charges nothing"
+    trained = json.loads((state / "nodes" / "node-1" / "privacy-ledger.json").read_text())["entries"]
+    assert [(e["run_key"], e["arm"], e["round"]) for e in trained] == [(run_id, "large-eps8", 1),
+                                                                         (run_id, "large-eps8", 2)]
+
+
+def test_an_unreachable_privacy_target_fails_before_anything_trains(stack):
+    config = {"rounds": 2, "data": {"dataset": "digits"}, "small": {"model": "torch-logreg", "learning_rate": 0.05},
+              "privacy": {"mode": "sample-level", "delta": 0.05}}
+    done = _cli(stack, "demo", "--config", json.dumps(config), timeout=300)
+
+    assert done.returncode == 1
+    assert re.search(r"privacy \(large-eps8 arm, ε=8\): privacy.delta=0.05 is above 1/\d+ \(the training examples "
+                     r"of node \d+\); set privacy.delta to at most", done.stdout), done.stdout[-2000:]
+    run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", done.stdout).group(1)
+    assert sorted(p.name for p in (stack / "store" / "runs" / run_id).iterdir()) == ["federation.json"]
+
+
+def test_client_level_dp_of_the_scikit_learn_model_completes_and_reports_epsilon(client_level_run):
+    state, run_id, output = client_level_run
+    report = open_store(f"file://{state}/store").get_json(report_key(run_id))
+
+    assert set(report["arms"]) == {"large", "small-eps8"} and report["arms"]["large"]["privacy"] is None
+    small = report["arms"]["small-eps8"]
+    privacy = small["privacy"]
+    assert small["model"] == "logreg" and privacy["mode"] == "client-level"
+    assert [h[1:] for h in privacy["history"]] == [[1.0, 1], [1.0, 1]], "all 4 nodes, one release per round"
+    assert 0 < privacy["epsilon"] <= 8.0 and privacy["within_target"]
+    assert independent_epsilon(privacy["history"], privacy["delta"], "rdp") == pytest.approx(privacy["epsilon"],
+                                                                                            rel=0.01)
+    assert report["recommendation"]["choice"] in (None, "small-eps8"), "only a private arm may be recommended"
+    assert "DP ε spent" in output
 
 
 def test_up_on_a_port_in_use_fails_in_one_line(tmp_path):

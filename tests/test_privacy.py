@@ -8,7 +8,6 @@ import multiprocessing
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 
 from clients.data import load_dataset, node_data
@@ -19,15 +18,7 @@ from flows.report import privacy_summary
 from privacy.accounting import Mechanism, PrivacyInfeasible, epsilon, plan_client_level, plan_sample_level
 from privacy.ledger import BudgetExceeded, PrivacyLedger
 from privacy.sample_level import dp_sgd, make_compatible
-
-
-def _independent_epsilon(history: list[list[float]], delta: float, accountant: str) -> float:
-    """Recompute ε from recorded (noise multiplier, sample rate, steps) with a bare Opacus accountant."""
-    engine = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    for sigma, rate, steps in history:
-        for _ in range(int(steps)):
-            engine.step(noise_multiplier=sigma, sample_rate=rate)
-    return engine.get_epsilon(delta=delta)
+from tests.accounting import independent_epsilon
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -39,7 +30,7 @@ def test_calibrated_noise_meets_the_target_over_all_rounds(accountant):
     spent = plan.epsilon_after(5)
     assert 2.95 <= spent <= 3.0
     history = [[plan.noise_multiplier, plan.sample_rate, plan.steps_per_round]] * 5
-    assert _independent_epsilon(history, 1e-5, accountant) == pytest.approx(spent, rel=0.01)
+    assert independent_epsilon(history, 1e-5, accountant) == pytest.approx(spent, rel=0.01)
     assert plan.epsilon_after(6) > 3.0, "one more round than planned would exceed the target"
 
 
@@ -69,7 +60,7 @@ def test_client_level_plan_accounts_rounds_and_the_sampled_fraction():
     plan = plan_client_level(num_nodes=4, sampled_nodes=4, rounds=5, target_epsilon=8.0, delta=1e-5,
                              clipping_norm=1.0, accountant="rdp")
     assert plan.sample_rate == 1.0 and plan.steps_per_round == 1
-    assert plan.epsilon_after(5) == pytest.approx(_independent_epsilon([[plan.noise_multiplier, 1.0, 5]], 1e-5, "rdp"))
+    assert plan.epsilon_after(5) == pytest.approx(independent_epsilon([[plan.noise_multiplier, 1.0, 5]], 1e-5, "rdp"))
     with pytest.raises(PrivacyInfeasible, match="1/4"):
         plan_client_level(num_nodes=4, sampled_nodes=4, rounds=5, target_epsilon=8.0, delta=0.3,
                           clipping_norm=1.0, accountant="rdp")
@@ -213,7 +204,7 @@ def test_report_keeps_every_accountant_input_and_epsilon_recomputes_within_one_p
 
     assert summary["within_target"] and summary["refused"][0]["node_id"] == 8
     recorded = summary["nodes"]["7"]
-    assert _independent_epsilon(recorded["history"], 1e-5, "rdp") == pytest.approx(recorded["epsilon"], rel=0.01)
+    assert independent_epsilon(recorded["history"], 1e-5, "rdp") == pytest.approx(recorded["epsilon"], rel=0.01)
     assert summary["epsilon"] == recorded["epsilon"] <= 3.0
     assert epsilon([Mechanism(*h) for h in recorded["history"]], delta=1e-5, accountant="rdp") == pytest.approx(
         summary["epsilon"])

@@ -132,3 +132,41 @@ def test_node_costs_price_each_node_by_its_device_and_traffic():
     # gpu node: 2 rounds x 1.0 s wall at $36/h; cpu node: 2 x 1.0 s CPU (train-cpu-seconds) at $3.6/h
     assert gpu_node["usd"] == pytest.approx(2.0 * 36.0 / 3600 + 3000 / 1e9 * 1e6)
     assert cpu_node["usd"] == pytest.approx(2.0 * 3.6 / 3600 + 3000 / 1e9 * 1e6)
+
+
+def _private_round(number, accuracy, epsilon):
+    return {**_round(number, accuracy), "privacy": {
+        "mode": "sample-level", "accountant": "rdp", "delta": 1e-5, "target_epsilon": 8.0,
+        "nodes": {"0": {"noise_multiplier": 0.8, "sample_rate": 0.04, "steps": 75, "max_grad_norm": 1.0,
+                        "epsilon": epsilon, "node_epsilon": epsilon}}}}
+
+
+def test_only_private_arms_within_target_are_recommended_and_privacy_costs_are_shown():
+    from flows.export import to_html
+    from flows.plots import report_plots
+
+    def arm(name, rounds):
+        return summarize_arm(name, rounds, nodes=[0], parameters=5, model_bytes=20, wall_seconds=1.0,
+                             reference=None, target_accuracy=0.9)
+
+    arms = {"large": arm("large", [_round(1, 0.97)]),
+            "large-eps8": arm("large-eps8", [_private_round(1, 0.93, 7.99)]),
+            "small-eps8": arm("small-eps8", [_private_round(1, 0.91, 7.98)])}
+    report = build_report(run_key="k", target_accuracy=0.9, arms=arms, federation={"nodes": []}, versions={},
+                          config={"data": {"dataset": "mnist", "partitioning": "iid"}, "assignment": "all-nodes",
+                                  "privacy": {"mode": "sample-level"}})
+
+    assert report["arms"]["large-eps8"]["gap_to_non_private"] == pytest.approx(0.04)
+    assert report["arms"]["small-eps8"]["gap_to_non_private"] is None, "no small arm without DP ran"
+    assert report["recommendation"]["choice"] != "large", "the arm without DP is outside the privacy budget"
+    assert report["arms"]["large-eps8"]["privacy"]["epsilon"] == 7.99
+    markdown = render_markdown(report)
+    assert "## Privacy" in markdown and "accuracy lost to DP" in markdown
+    assert [name for name, _, _ in report_plots(report)] == ["accuracy", "cost", "privacy"]
+    assert "<h2>Privacy</h2>" in to_html(report)
+
+    over = arm("large-eps8", [_private_round(1, 0.95, 9.5)])
+    assert not over["privacy"]["within_target"]
+    alone = build_report(run_key="k", target_accuracy=0.9, arms={"large-eps8": over}, federation={"nodes": []},
+                         versions={}, config={"privacy": {"mode": "sample-level"}})
+    assert alone["recommendation"]["choice"] is None, "an arm over its ε target is never recommended"
