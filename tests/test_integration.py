@@ -233,7 +233,8 @@ def test_by_tier_trains_large_on_gpu_nodes_and_small_on_cpu_nodes(private_by_tie
         assert len(nodes) == 2 and {tiers[n] for n in nodes} == {tier}
         for server_round in (1, 2):
             _, metrics = load_round(store, run_id, arm, server_round)
-            assert sorted(n["node_id"] for n in metrics["nodes"]) == sorted(set(nodes) - {spent})
+            trained = sorted(n["node_id"] for n in metrics["nodes"] if n["train"])
+            assert trained == sorted(set(nodes) - {spent})
 
 
 def test_private_arms_stay_within_the_target_and_epsilon_recomputes_from_the_report(private_by_tier_run):
