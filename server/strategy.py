@@ -179,7 +179,7 @@ class RecordingFedAvg(FedAvg):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Keep each node's evaluation metrics, then average as FedAvg does."""
+        """Keep each node's evaluation metrics, then average them weighted by test examples."""
         server_round += self.round_offset
         replies = list(replies)
         log = self.rounds.setdefault(server_round, RoundLog())
@@ -190,7 +190,13 @@ class RecordingFedAvg(FedAvg):
                 continue
             log.evaluate[node] = dict(reply.content["metrics"])
             log.count(node, "up", serialized_bytes(reply.content))
-        return super().aggregate_evaluate(server_round, replies)
+        # Evaluation is weighted by test examples even when training uses another key
+        # (client-level DP averages updates with equal weights, evaluation replies lack that key).
+        train_key, self.weighted_by_key = self.weighted_by_key, "num-examples"
+        try:
+            return super().aggregate_evaluate(server_round, replies)
+        finally:
+            self.weighted_by_key = train_key
 
 
 class ClientLevelDp(DifferentialPrivacyServerSideFixedClipping):
