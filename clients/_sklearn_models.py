@@ -54,7 +54,8 @@ class SgdLogisticRegression:
         self._intercept = np.array(checked["intercept"], dtype=np.float32)
 
     def fit(
-        self, train: Dataset, *, epochs: int, batch_size: int, learning_rate: float, seed: int
+        self, train: Dataset, *, epochs: int, batch_size: int, learning_rate: float, seed: int,
+        optimizer: str = "adam",
     ) -> dict[str, float]:
         """Run ``epochs`` seeded-shuffled SGD passes from the current arrays.
 
@@ -62,7 +63,7 @@ class SgdLogisticRegression:
         """
         from sklearn.linear_model import SGDClassifier
 
-        check_fit_args(self.name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
+        check_fit_args(self.name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer)
         check_data(self.name, train, input_shape=self.input_shape, num_classes=self.num_classes, purpose="fit")
         wall, cpu = time.perf_counter(), time.process_time()
         x = _flat(train.x)

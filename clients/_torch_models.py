@@ -151,8 +151,13 @@ def make_loader(data: Dataset, *, batch_size: int, seed: int | None, device: str
     )
 
 
-def make_optimizer(module: nn.Module, *, learning_rate: float) -> torch.optim.Optimizer:
-    """Return the optimizer every zoo network trains with (Adam)."""
+SGD_MOMENTUM = 0.9
+
+
+def make_optimizer(module: nn.Module, *, learning_rate: float, name: str = "adam") -> torch.optim.Optimizer:
+    """Return a fresh optimizer for ``module``: Adam, or SGD with momentum ``SGD_MOMENTUM``."""
+    if name == "sgd":
+        return torch.optim.SGD(module.parameters(), lr=learning_rate, momentum=SGD_MOMENTUM)
     return torch.optim.Adam(module.parameters(), lr=learning_rate)
 
 
@@ -224,21 +229,23 @@ class TorchModel:
         batch_size: int,
         learning_rate: float,
         seed: int,
+        optimizer: str = "adam",
         wrap: TrainingWrapper | None = None,
     ) -> dict[str, float]:
-        """Train with Adam; ``wrap`` may replace (module, optimizer, loader) and the loss, e.g. for DP-SGD."""
-        check_fit_args(self.name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
+        """Train with ``optimizer``; ``wrap`` may replace (module, optimizer, loader) and the loss, e.g. for DP-SGD."""
+        check_fit_args(self.name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                       optimizer=optimizer)
         check_data(self.name, train, input_shape=self.input_shape, num_classes=self.num_classes, purpose="fit")
         wall, cpu = time.perf_counter(), time.process_time()
         with seeded(seed, self.device):
             module: nn.Module = self.network
-            optimizer = make_optimizer(module, learning_rate=learning_rate)
+            step = make_optimizer(module, learning_rate=learning_rate, name=optimizer)
             loader = make_loader(train, batch_size=batch_size, seed=seed, device=self.device)
             criterion = F.cross_entropy
             if wrap is not None:
-                module, optimizer, loader, criterion = wrap(module, optimizer, loader)
+                module, step, loader, criterion = wrap(module, step, loader)
             try:
-                train_loss = train_epochs(module, loader, optimizer, epochs=epochs, device=self.device,
+                train_loss = train_epochs(module, loader, step, epochs=epochs, device=self.device,
                                           criterion=criterion)
             finally:
                 if module is not self.network and hasattr(module, "_close"):

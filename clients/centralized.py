@@ -18,6 +18,7 @@ def train_centralized(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    optimizer: str = "adam",
     data_kwargs: dict[str, Any],
     dp: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -44,6 +45,7 @@ def train_centralized(
                                  who="the pooled reference data", **dp)
         wrap = dp_sgd(plan)
     fit = model.fit(train, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                    optimizer=optimizer,
                     **({"wrap": wrap} if wrap else {}))
     metrics = model.evaluate(test, batch_size=max(batch_size, 256))
     return {

@@ -108,6 +108,7 @@ def train(msg: Message, context: Context) -> Message:
         epochs=epochs,
         batch_size=batch_size,
         learning_rate=float(config["learning-rate"]),
+        optimizer=run.optimizer,
         seed=run.seed + server_round,
         **wrap,
     )

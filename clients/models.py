@@ -19,6 +19,9 @@ from clients.data import Dataset
 LARGE_MODELS = ("cnn", "mlp")
 SMALL_MODELS = ("logreg", "torch-logreg")
 MODEL_NAMES = LARGE_MODELS + SMALL_MODELS
+# optimizers of the torch models: Adam, or SGD with momentum 0.9 (the usual choice under DP-SGD,
+# where Adam's per-coordinate scaling turns the noise of a fresh optimizer into large steps)
+OPTIMIZERS = ("adam", "sgd")
 TORCH_MODELS = ("cnn", "mlp", "torch-logreg")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -39,9 +42,14 @@ class Model(Protocol):
         ...
 
     def fit(
-        self, train: Dataset, *, epochs: int, batch_size: int, learning_rate: float, seed: int
+        self, train: Dataset, *, epochs: int, batch_size: int, learning_rate: float, seed: int,
+        optimizer: str = "adam",
     ) -> dict[str, float]:
-        """Train in place; return train_loss, train_seconds, train_cpu_seconds, num_examples."""
+        """Train in place; return train_loss, train_seconds, train_cpu_seconds, num_examples.
+
+        ``optimizer`` (one of OPTIMIZERS) applies to the torch models; the scikit-learn
+        logistic regression always runs its own SGD.
+        """
         ...
 
     def evaluate(self, test: Dataset, *, batch_size: int) -> dict[str, float]:
@@ -157,8 +165,12 @@ def check_data(
         )
 
 
-def check_fit_args(model_name: str, *, epochs: int, batch_size: int, learning_rate: float) -> None:
-    """Raise ValueError for a non-positive number of epochs, batch size or learning rate."""
+def check_fit_args(
+    model_name: str, *, epochs: int, batch_size: int, learning_rate: float, optimizer: str = "adam"
+) -> None:
+    """Raise ValueError for a non-positive number of epochs, batch size or learning rate, or an unknown optimizer."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"model {model_name!r}: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if epochs < 1 or batch_size < 1 or not learning_rate > 0:
         raise ValueError(
             f"model {model_name!r}: epochs, batch_size and learning_rate must be positive, got "

@@ -31,6 +31,7 @@ class ArmRunConfig:
     local_epochs: int
     batch_size: int
     learning_rate: float
+    optimizer: str
     seed: int
     round_timeout: float
     node_evaluation: str
@@ -66,6 +67,8 @@ class ArmRunConfig:
             raise ValueError(
                 f"run config privacy-mode: expected 'none', 'sample-level' or 'client-level', got {config.privacy_mode!r}"
             )
+        if config.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"run config optimizer: expected 'adam' or 'sgd', got {config.optimizer!r}")
         if config.accountant not in ("rdp", "prv"):
             raise ValueError(f"run config accountant: expected 'rdp' or 'prv', got {config.accountant!r}")
         return config

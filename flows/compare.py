@@ -75,7 +75,7 @@ def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_k
         "central-test-fraction": data.central_test_fraction, "local-test-fraction": data.local_test_fraction,
         "num-rounds": config.rounds, "local-epochs": arm_config.local_epochs,
         "batch-size": arm_config.batch_size, "learning-rate": arm_config.learning_rate,
-        "seed": config.seed, "round-timeout": config.round_timeout_s,
+        "optimizer": arm_config.optimizer, "seed": config.seed, "round-timeout": config.round_timeout_s,
         "node-evaluation": config.node_evaluation,
         "privacy-mode": privacy.mode if epsilon is not None else "none",
         "target-epsilon": float(epsilon or privacy.target_epsilon), "delta": privacy.delta,
@@ -284,7 +284,8 @@ def train_reference(arm: str, model: str, partition_ids: list[int], num_partitio
     result = train_centralized(
         dataset, model_name=model, partition_ids=tuple(partition_ids), num_partitions=num_partitions,
         epochs=config.rounds * arm_config.local_epochs, batch_size=arm_config.batch_size,
-        learning_rate=arm_config.learning_rate, seed=config.seed, data_kwargs=_data_kwargs(config), dp=dp,
+        learning_rate=arm_config.learning_rate, optimizer=arm_config.optimizer, seed=config.seed,
+        data_kwargs=_data_kwargs(config), dp=dp,
     )
     get_run_logger().info("%s central reference%s: accuracy %.4f after %d epochs on %d examples", arm,
                           f" (DP-SGD, ε={result['privacy']['epsilon']:.3f})" if dp else "",

@@ -65,6 +65,9 @@ class ArmConfig(_Strict):
     batch_size: int = Field(32, ge=1, le=65536)
     # step size of the node's optimizer
     learning_rate: float = Field(gt=0.0, le=10.0)
+    # optimizer of the torch models: adam, or sgd (momentum 0.9; the usual choice under DP-SGD);
+    # the scikit-learn logreg always runs its own SGD
+    optimizer: Literal["adam", "sgd"] = "adam"
 
 
 class PrivacyConfig(_Strict):

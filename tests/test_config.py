@@ -25,6 +25,7 @@ def test_defaults_are_the_demo_configuration():
         ({"data": {"dirichlet_alpha": 0}}, "data.dirichlet_alpha"),
         ({"data": {"dataset": "imagenet"}}, "data.dataset"),
         ({"large": {"model": "cnn", "learning_rate": -1}}, "large.learning_rate"),
+        ({"large": {"model": "cnn", "learning_rate": 0.1, "optimizer": "rmsprop"}}, "large.optimizer"),
         ({"assignment": "random"}, "assignment"),
         ({"superlink": "localhost"}, "superlink"),
         ({"store_uri": "ftp://host/x"}, "store_uri"),
