@@ -126,6 +126,22 @@ def test_logreg_fit_continues_from_the_arrays_it_was_given(mnist: tuple[Dataset,
     )
 
 
+def test_logreg_fit_from_the_same_arrays_and_seed_is_identical(mnist: tuple[Dataset, Dataset]) -> None:
+    """What a resumed arm relies on: the round after a checkpoint replays to the same bytes."""
+    train = mnist[0]
+    checkpoint = build("logreg", train)
+    checkpoint.fit(train, epochs=1, learning_rate=1e-2, **FIT)
+    replayed = []
+    for _ in range(2):
+        model = build("logreg", train)
+        model.set_arrays(checkpoint.get_arrays())
+        model.fit(train, epochs=1, learning_rate=1e-2, **FIT)
+        replayed.append(model.get_arrays())
+
+    assert all(np.array_equal(replayed[0][k], replayed[1][k]) for k in replayed[0])
+    assert not np.array_equal(replayed[0]["coef"], checkpoint.get_arrays()["coef"])
+
+
 def test_logreg_on_a_node_missing_classes_keeps_full_shape(mnist: tuple[Dataset, Dataset]) -> None:
     train = mnist[0]
     three_classes = train.subset(np.flatnonzero(train.y < 3))
@@ -146,6 +162,20 @@ def test_logreg_binary_uses_sklearn_binary_shape() -> None:
 
     assert model.get_arrays()["coef"].shape == (1, 30)
     assert model.evaluate(test, batch_size=64)["accuracy"] > 0.9
+
+
+def test_sgd_optimizer_trains_differently_from_adam_and_unknown_names_fail(mnist: tuple[Dataset, Dataset]) -> None:
+    train, test = mnist
+    adam, sgd = build("mlp", train), build("mlp", train)
+
+    adam.fit(train, epochs=2, learning_rate=1e-3, **FIT)
+    sgd.fit(train, epochs=2, learning_rate=0.05, optimizer="sgd", **FIT)
+
+    assert not np.array_equal(adam.get_arrays()["fc1.weight"], sgd.get_arrays()["fc1.weight"])
+    assert sgd.evaluate(test, batch_size=128)["accuracy"] > 0.6
+    for name in ("mlp", "logreg"):
+        with pytest.raises(ValueError, match="optimizer must be one of adam, sgd, got 'rmsprop'"):
+            build(name, train).fit(train, epochs=1, learning_rate=0.01, optimizer="rmsprop", **FIT)
 
 
 def test_macro_f1_counts_every_class(mnist: tuple[Dataset, Dataset]) -> None:
