@@ -145,17 +145,20 @@ class RecordingFedAvg(FedAvg):
         replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
         log = self.rounds[server_round]
         log.trained = time.time()
-        self.note_failures(server_round - self.round_offset, replies, "train")
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                continue
-            log.train[node] = dict(reply.content["metrics"])
-            log.count(node, "up", serialized_bytes(reply.content))
+        self._record(server_round, replies, "train", log.train)
         started = time.perf_counter()
         result = super().aggregate_train(server_round, replies)
         log.aggregate_seconds = time.perf_counter() - started
         return result
+
+    def _record(self, server_round: int, replies: list[Message], phase: str, into: dict) -> None:
+        """Note the failed replies of ``phase`` and each answering node's metrics and bytes (run numbering)."""
+        log = self.rounds[server_round]
+        self.note_failures(server_round - self.round_offset, replies, phase)
+        for reply in replies:
+            if not reply.has_error():
+                into[reply.metadata.src_node_id] = dict(reply.content["metrics"])
+                log.count(reply.metadata.src_node_id, "up", serialized_bytes(reply.content))
 
     def note_failures(self, server_round: int, replies: Iterable[Message], phase: str) -> None:
         """Record the error replies of ``phase`` in round ``server_round`` (Flower's count) with their reasons."""
@@ -183,13 +186,7 @@ class RecordingFedAvg(FedAvg):
         server_round += self.round_offset
         replies = list(replies)
         log = self.rounds.setdefault(server_round, RoundLog())
-        self.note_failures(server_round - self.round_offset, replies, "evaluate")
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                continue
-            log.evaluate[node] = dict(reply.content["metrics"])
-            log.count(node, "up", serialized_bytes(reply.content))
+        self._record(server_round, replies, "evaluate", log.evaluate)
         # Evaluation is weighted by test examples even when training uses another key
         # (client-level DP averages updates with equal weights, evaluation replies lack that key).
         train_key, self.weighted_by_key = self.weighted_by_key, "num-examples"
