@@ -2,148 +2,81 @@
 
 Layout (identical on every backend)::
 
-    runs/<run_key>/<arm>/round-0001/model.npz      the global model's named arrays
-    runs/<run_key>/<arm>/round-0001/metrics.json   the round's metrics
-    runs/<run_key>/<arm>/manifest.json             sha256/size of every object, written last
+    runs/<run_key>/<arm>/round-0001/model.npz        the global model's named arrays
+    runs/<run_key>/<arm>/round-0001/metrics.json     the round's metrics
+    runs/<run_key>/<arm>/round-0001/checkpoint.json  what the round is: model, config, privacy, code versions
+    runs/<run_key>/<arm>/manifest.json               sha256/size of every object, written last
 
 The manifest is the commit point: a round exists once the manifest lists it, so a crash
-between objects and manifest leaves the previous round as the latest good one.
+between objects and manifest leaves the previous round as the latest good one. Every
+read checks sha256 and size against the manifest. A model is never held twice in
+memory: it is serialized into a temp file while hashed (memory up to 16 MiB, then
+TMPDIR) and uploaded from there; on reading, its bytes are hashed and decoded straight
+into the arrays as they arrive, and the arrays are returned only if the hash matches.
+Retention (``keep_last``) deletes old models but keeps every round's metrics and
+checkpoint.json; ``load_latest_good`` and ``rewind`` let a resumed arm skip and re-train
+rounds whose objects are damaged.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import platform
-import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
 import numpy as np
 
+from infra._layout import (
+    config_hash, federation_key, manifest_key, plot_key, report_key, round_prefix,
+)
+from infra._manifest import FORMAT_VERSION, read_manifest, require_manifest, round_entry
+from infra._npz import HashingWriter, arrays_to_npz_bytes, describe_arrays, npz_bytes_to_arrays, spool, write_npz
+from infra._provenance import code_version
+from infra._retention import check_keep_last, check_meta, check_score, prune
+from infra._verified import (
+    CheckpointError, CorruptObject, MissingObject, PrunedRound, read_model, read_verified_json,
+)
 from infra.store import Store, json_bytes
 
 __all__ = [
-    "CheckpointError", "FORMAT_VERSION", "arrays_to_npz_bytes", "config_hash", "load_latest",
-    "load_round", "npz_bytes_to_arrays", "read_manifest", "round_metrics", "round_prefix",
-    "write_round",
+    "CheckpointError", "FORMAT_VERSION", "GoodRound", "SkippedRound", "arrays_to_npz_bytes", "config_hash",
+    "federation_key", "load_latest", "load_latest_good", "load_round", "npz_bytes_to_arrays", "plot_key",
+    "read_checkpoint", "read_manifest", "report_key", "rewind", "round_metrics", "round_prefix", "write_round",
 ]
 
-FORMAT_VERSION = 1
-_MODEL = "model.npz"
-_METRICS = "metrics.json"
+_MODEL, _METRICS, _META = "model.npz", "metrics.json", "checkpoint.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt or inconsistent; the message says which object and what to do."""
+@dataclass(frozen=True)
+class SkippedRound:
+    """A round newer than the good one that load_latest_good passed over, and why."""
+
+    round: int
+    reason: str  # "corrupt", "missing" (an object) or "pruned" (its model, by retention)
+    detail: str  # the one-line explanation: which object, expected vs got
 
 
-def _check_name(what: str, value: str) -> str:
-    """Return ``value`` after checking it is one path part (non-empty, no '/', not '.' or '..')."""
-    if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
-        raise ValueError(f"expected {what} to be a non-empty name without '/', got {value!r}")
-    return value
+@dataclass(frozen=True)
+class GoodRound:
+    """The newest round whose objects all verify, as load_latest_good returns it."""
+
+    round: int
+    arrays: dict[str, np.ndarray]  # the model's named arrays, in saved order
+    metrics: dict
+    meta: dict | None  # the round's checkpoint.json; None for rounds written before it existed
+    skipped: tuple[SkippedRound, ...]  # the newer rounds passed over, newest first
 
 
-def _arm_prefix(run_key: str, arm: str) -> str:
-    """Return ``runs/<run_key>/<arm>`` after checking both are single path parts."""
-    return f"runs/{_check_name('run_key', run_key)}/{_check_name('arm', arm)}"
+def _now() -> str:
+    """Return the current UTC time in ISO 8601, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def federation_key(run_key: str) -> str:
-    """Return the key of the nodes' answers to a run's query: ``runs/<run_key>/federation.json``."""
-    return f"runs/{_check_name('run_key', run_key)}/federation.json"
-
-
-def report_key(run_key: str) -> str:
-    """Return the key of a run's report: ``runs/<run_key>/report.json``."""
-    return f"runs/{_check_name('run_key', run_key)}/report.json"
-
-
-def plot_key(run_key: str, name: str) -> str:
-    """Return the key of one of a run's report plots: ``runs/<run_key>/plots/<name>.png``."""
-    return f"runs/{_check_name('run_key', run_key)}/plots/{_check_name('name', name)}.png"
-
-
-def round_prefix(run_key: str, arm: str, round: int) -> str:
-    """Return the key prefix of one round, e.g. ``runs/<run_key>/<arm>/round-0007``.
-
-    Raises:
-        ValueError: ``run_key`` or ``arm`` is empty or holds '/', or ``round`` is not a positive int.
-    """
-    if isinstance(round, bool) or not isinstance(round, int) or round < 1:
-        raise ValueError(f"expected round to be an int >= 1, got {round!r}")
-    return f"{_arm_prefix(run_key, arm)}/round-{round:04d}"
-
-
-def _manifest_key(run_key: str, arm: str) -> str:
-    """Return the manifest's key for one arm of one run."""
-    return f"{_arm_prefix(run_key, arm)}/manifest.json"
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """Return the sha256 hex digest of the config's canonical JSON (sorted keys, no spaces).
-
-    Raises:
-        TypeError: the config holds a value JSON cannot encode.
-    """
-    try:
-        canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    except TypeError as exc:
-        raise TypeError(f"expected a config of plain JSON values, got {exc}: convert it first") from None
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def arrays_to_npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """Return an uncompressed .npz archive of the named arrays, in the mapping's order.
-
-    The bytes are deterministic (fixed zip timestamps), so equal arrays hash equally.
-
-    Raises:
-        ValueError: a name is empty or an array has object dtype (would need pickle).
-    """
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, value in arrays.items():
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"expected array names to be non-empty str, got {name!r}")
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
-    return buf.getvalue()
-
-
-def npz_bytes_to_arrays(data: bytes) -> dict[str, np.ndarray]:
-    """Return the named arrays of an .npz archive, in archive order, without unpickling."""
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {name: npz[name] for name in npz.files}
-
-
-def _sha256(data: bytes) -> str:
-    """Return the sha256 hex digest of ``data``."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def read_manifest(store: Store, run_key: str, arm: str) -> dict | None:
-    """Return the manifest of one arm of one run, or None if nothing was checkpointed yet.
-
-    Raises:
-        CheckpointError: the manifest has an unknown format version.
-        StoreError: the store failed.
-    """
-    key = _manifest_key(run_key, arm)
-    try:
-        manifest = store.get_json(key)
-    except KeyError:
-        return None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{key} in {store.uri} has format_version {version!r}, expected {FORMAT_VERSION}: "
-            "read it with the fedcompare release that wrote it"
-        )
-    return manifest
+def _entry(data: bytes) -> dict:
+    """Return the manifest entry (sha256 and size) of ``data``."""
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
 
 def write_round(
@@ -154,11 +87,16 @@ def write_round(
     arrays: Mapping[str, np.ndarray],
     metrics: Mapping[str, Any],
     config: Mapping[str, Any],
+    *,
+    meta: Mapping[str, Any] | None = None,
+    score: float | None = None,
+    keep_last: int = 0,
 ) -> dict:
-    """Write one round's model and metrics, then publish the updated manifest.
+    """Write one round's model, metrics and checkpoint.json, publish the manifest, then apply retention.
 
     Rounds are written in order: ``round`` must be the latest complete round + 1.
-    Rewriting the latest round with byte-identical objects is a no-op (safe retries).
+    Rewriting the latest round with byte-identical model and metrics is a no-op (safe
+    retries; it also finishes deleting models pruned by an interrupted call).
 
     Args:
         store: where to write.
@@ -167,99 +105,194 @@ def write_round(
         round: the round number, from 1.
         arrays: the global model's named arrays, in the model's order.
         metrics: the round's metrics (JSON values).
-        config: the arm's config; its hash must match the manifest's on later rounds.
+        config: the arm's resolved config; its hash must match the manifest's on later rounds.
+        meta: ``{"model": {"name": ..., "args": {...}}, "privacy": {...} or None}``: the
+            model's constructor and the privacy accountant's state (opaque JSON), stored in
+            the round's checkpoint.json; None stores neither.
+        score: the round's central accuracy; retention keeps the best-scoring round's model.
+        keep_last: keep the models of the last ``keep_last`` rounds and of the best-scoring
+            round, delete older models (metrics and checkpoint.json stay); 0 keeps every model.
     Returns:
         The published manifest.
     Raises:
+        ValueError: ``meta``, ``score`` or ``keep_last`` is malformed, or an array needs pickle.
+        TypeError: ``config``, ``metrics`` or ``meta`` holds a value JSON cannot encode.
         CheckpointError: the round is out of order or the config differs from the run's.
-        StoreError: the store failed (the previous manifest then still stands).
+        StoreError: the store failed (before the manifest: the previous manifest still stands).
     """
     prefix = round_prefix(run_key, arm, round)
+    described, score, keep_last = check_meta(meta), check_score(score), check_keep_last(keep_last)
     digest = config_hash(config)
-    objects = {f"{prefix}/{_MODEL}": arrays_to_npz_bytes(arrays),
-               f"{prefix}/{_METRICS}": json_bytes(dict(metrics))}
-    entries = {key: {"sha256": _sha256(data), "size": len(data)} for key, data in objects.items()}
     manifest = read_manifest(store, run_key, arm) or {
         "run_key": run_key, "arm": arm, "config_hash": digest, "config": dict(config),
-        "latest_complete_round": 0, "rounds": {}, "format_version": FORMAT_VERSION,
+        "latest_complete_round": 0, "rounds": {}, "discarded": [], "format_version": FORMAT_VERSION,
     }
-    where = f"{_manifest_key(run_key, arm)} in {store.uri}"
+    where = f"{manifest_key(run_key, arm)} in {store.uri}"
     if manifest["config_hash"] != digest:
         raise CheckpointError(
             f"{where} was written with config_hash {manifest['config_hash'][:12]}…, got {digest[:12]}… "
             "for this round: a run keeps one config; start a new run key to change it"
         )
     latest = manifest["latest_complete_round"]
-    if round == latest and manifest["rounds"][str(round)]["objects"] == entries:
-        return manifest
-    if round != latest + 1:
-        raise CheckpointError(
-            f"{where}: expected round {latest + 1} (latest complete is {latest}), got round {round}; "
-            f"resume from round {latest + 1} or start a new run key"
-        )
-    for key, data in objects.items():
-        store.put_bytes(key, data)
-    manifest["rounds"][str(round)] = {
-        "objects": entries, "completed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    if round not in (latest, latest + 1):
+        raise _out_of_order(where, latest, round)
+    model_key, metrics_key, meta_key = (f"{prefix}/{name}" for name in (_MODEL, _METRICS, _META))
+    metrics_bytes = json_bytes(dict(metrics))
+    with spool() as model_file:
+        writer = HashingWriter(model_file)
+        write_npz(arrays, writer)
+        entries = {model_key: {"sha256": writer.hexdigest(), "size": writer.size},
+                   metrics_key: _entry(metrics_bytes)}
+        if round == latest:
+            stored = manifest["rounds"][str(round)]["objects"]
+            if all(stored.get(k) == v for k, v in entries.items()):
+                _delete_models(store, run_key, arm, manifest, [int(r) for r in manifest["rounds"]
+                                                              if "pruned" in manifest["rounds"][r]])
+                return manifest
+            raise _out_of_order(where, latest, round)
+        now = _now()
+        document = {
+            "format_version": FORMAT_VERSION, "run_key": run_key, "arm": arm, "round": round,
+            "model": described["model"], "arrays": describe_arrays(arrays),
+            "config": dict(config), "config_hash": digest, "privacy": described["privacy"], "score": score,
+            "objects": {_MODEL: entries[model_key], _METRICS: entries[metrics_key]},
+            "code": dict(code_version()), "created_at": now,
+        }
+        try:
+            meta_bytes = json_bytes(document)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"expected meta of plain JSON values, got {exc}: convert it first") from None
+        entries[meta_key] = _entry(meta_bytes)
+        model_file.seek(0)
+        store.put_stream(model_key, model_file, writer.size)
+    store.put_bytes(metrics_key, metrics_bytes)
+    store.put_bytes(meta_key, meta_bytes)
+    manifest["rounds"][str(round)] = {"objects": entries, "completed_at": now, "score": score}
     manifest["latest_complete_round"] = round
-    manifest["versions"] = {"numpy": np.__version__, "python": platform.python_version()}
-    store.put_json(_manifest_key(run_key, arm), manifest)
+    manifest["versions"] = dict(code_version())
+    pruned = prune(manifest["rounds"], keep_last, now)
+    if keep_last:
+        manifest["retention"] = {"keep_last": keep_last}
+    store.put_json(manifest_key(run_key, arm), manifest)
+    _delete_models(store, run_key, arm, manifest, pruned)
     return manifest
 
 
-def _read_verified(store: Store, key: str, entry: Mapping[str, Any]) -> bytes:
-    """Return an object's bytes after checking them against its manifest entry."""
-    try:
-        data = store.get_bytes(key)
-    except KeyError:
-        raise CheckpointError(
-            f"checkpoint object {key} is listed in the manifest but missing from {store.uri}: "
-            "restore it from a backup or resume from an earlier round"
-        ) from None
-    got = _sha256(data)
-    if got != entry["sha256"] or len(data) != entry["size"]:
-        raise CheckpointError(
-            f"checkpoint object {key} in {store.uri} is corrupt: expected sha256 {entry['sha256']} "
-            f"({entry['size']} bytes), got {got} ({len(data)} bytes); "
-            "restore it from a backup or resume from an earlier round"
-        )
-    return data
+def _out_of_order(where: str, latest: int, round: int) -> CheckpointError:
+    """Return the error for a round that is not the next one."""
+    return CheckpointError(
+        f"{where}: expected round {latest + 1} (latest complete is {latest}), got round {round}; "
+        f"resume from round {latest + 1} or start a new run key"
+    )
 
 
-def _round_entry(store: Store, run_key: str, arm: str, round: int) -> dict:
-    """Return the manifest entry of a complete round, or raise CheckpointError saying which exist."""
-    manifest = read_manifest(store, run_key, arm)
-    if manifest is None:
-        raise CheckpointError(
-            f"no checkpoint for run {run_key!r} arm {arm!r} in {store.uri} "
-            f"({_manifest_key(run_key, arm)} is missing): check the run key, arm and store URI"
+def _delete_models(store: Store, run_key: str, arm: str, manifest: dict, rounds: list[int]) -> None:
+    """Delete the model objects of ``rounds`` (already marked pruned in the published manifest)."""
+    for r in sorted(rounds):
+        key = f"{round_prefix(run_key, arm, r)}/{_MODEL}"
+        if key in manifest["rounds"][str(r)]["objects"]:
+            store.delete(key)
+
+
+def rewind(store: Store, run_key: str, arm: str, to_round: int, reason: str) -> dict:
+    """Republish the manifest with ``to_round`` as the latest complete round, discarding the later ones.
+
+    The later rounds move to the manifest's ``discarded`` list (with ``reason`` and the
+    time), so that write_round(``to_round`` + 1) is accepted again: a resumed arm
+    re-trains them. Their objects stay in the store until rewritten. Pick ``to_round``
+    from load_latest_good.
+
+    Args:
+        store: where the run's checkpoints are.
+        run_key: the run's key.
+        arm: the arm's name.
+        to_round: the round to go back to; 0 discards every round.
+        reason: why, e.g. ``"round 5: corrupt model.npz"``; kept in the manifest.
+    Returns:
+        The published manifest (unchanged when ``to_round`` is already the latest).
+    Raises:
+        ValueError: ``to_round`` is not an int >= 0 or ``reason`` is empty.
+        CheckpointError: no manifest, ``to_round`` is past the latest round, or its model was pruned.
+        StoreError: the store failed (the previous manifest then still stands).
+    """
+    if isinstance(to_round, bool) or not isinstance(to_round, int) or to_round < 0:
+        raise ValueError(f"expected to_round to be an int >= 0, got {to_round!r}")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError(f"expected a non-empty reason to record, got {reason!r}")
+    manifest = require_manifest(store, run_key, arm)
+    latest, rounds = manifest["latest_complete_round"], manifest["rounds"]
+    where = f"{manifest_key(run_key, arm)} in {store.uri}"
+    if to_round > latest:
+        raise CheckpointError(f"{where}: cannot rewind to round {to_round}, the latest complete is {latest}: "
+                              f"pick a round from 0 to {latest}")
+    if to_round and "pruned" in rounds[str(to_round)]:
+        kept = sorted(int(r) for r, e in rounds.items() if "pruned" not in e)
+        raise CheckpointError(f"{where}: round {to_round}'s model was pruned by retention, so the arm cannot "
+                              f"resume from it: rewind to a kept round {kept} or to 0")
+    if to_round == latest:
+        return manifest
+    now = _now()
+    for r in sorted(int(k) for k in rounds if int(k) > to_round):
+        manifest["discarded"].append({"round": r, "reason": reason, "at": now, "entry": rounds.pop(str(r))})
+    manifest["latest_complete_round"] = to_round
+    store.put_json(manifest_key(run_key, arm), manifest)
+    return manifest
+
+
+def _load(store: Store, run_key: str, arm: str, round: int, entry: Mapping[str, Any], *,
+          with_meta: bool = False) -> tuple[dict[str, np.ndarray], dict, dict | None]:
+    """Return a round's verified arrays, metrics and (``with_meta``) checkpoint.json."""
+    prefix = round_prefix(run_key, arm, round)
+    objects = entry["objects"]
+    model_key, metrics_key, meta_key = (f"{prefix}/{name}" for name in (_MODEL, _METRICS, _META))
+    if "pruned" in entry:
+        raise PrunedRound(
+            f"round {round} of run {run_key!r} arm {arm!r} in {store.uri}: its model was pruned by retention "
+            f"({entry['pruned']['reason']}, at {entry['pruned']['at']}): load a kept round, "
+            "or write with a larger keep_last"
         )
-    entry = manifest["rounds"].get(str(round))
-    if entry is None:
-        latest = manifest["latest_complete_round"]
-        raise CheckpointError(
-            f"round {round} of run {run_key!r} arm {arm!r} is not complete in {store.uri} "
-            f"(latest complete round: {latest}): load a round from 1 to {latest}"
-        )
-    return entry
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the small objects travel while the model streams
+        small = pool.submit(lambda: (
+            read_verified_json(store, metrics_key, objects[metrics_key]),
+            read_verified_json(store, meta_key, objects[meta_key]) if with_meta and meta_key in objects else None,
+        ))
+        arrays = read_model(store, model_key, objects[model_key])
+        metrics, meta = small.result()
+    return arrays, metrics, meta
 
 
 def load_round(
     store: Store, run_key: str, arm: str, round: int
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Return one complete round's arrays (in saved order) and metrics, verified by sha256.
+    """Return one complete round's arrays (in saved order) and metrics, both verified by sha256.
 
     Raises:
-        CheckpointError: no manifest, the round is not complete, or an object is missing/corrupt.
+        CheckpointError: no manifest, the round is not complete, its model was pruned by
+            retention, or an object is missing/corrupt.
         StoreError: the store failed.
     """
-    prefix = round_prefix(run_key, arm, round)
-    objects = _round_entry(store, run_key, arm, round)["objects"]
-    model_key, metrics_key = f"{prefix}/{_MODEL}", f"{prefix}/{_METRICS}"
-    model = _read_verified(store, model_key, objects[model_key])
-    metrics = _read_verified(store, metrics_key, objects[metrics_key])
-    return npz_bytes_to_arrays(model), json.loads(metrics.decode("utf-8"))
+    arrays, metrics, _ = _load(store, run_key, arm, round, round_entry(store, run_key, arm, round))
+    return arrays, metrics
+
+
+def read_checkpoint(store: Store, run_key: str, arm: str, round: int) -> dict | None:
+    """Return a complete round's verified checkpoint.json (kept even when retention pruned the model).
+
+    Args:
+        store: where the run's checkpoints are.
+        run_key: the run's key.
+        arm: the arm's name.
+        round: the round number.
+    Returns:
+        The description: model, arrays, config, privacy, score, code versions, created_at;
+        None for a round written before checkpoint.json existed.
+    Raises:
+        CheckpointError: no manifest, the round is not complete, or the object is missing/corrupt.
+        StoreError: the store failed.
+    """
+    key = f"{round_prefix(run_key, arm, round)}/{_META}"
+    objects = round_entry(store, run_key, arm, round)["objects"]
+    return read_verified_json(store, key, objects[key]) if key in objects else None
 
 
 def load_latest(store: Store, run_key: str, arm: str) -> tuple[int, dict[str, np.ndarray], dict]:
@@ -272,17 +305,58 @@ def load_latest(store: Store, run_key: str, arm: str) -> tuple[int, dict[str, np
     manifest = read_manifest(store, run_key, arm)
     latest = manifest["latest_complete_round"] if manifest else 0
     if latest < 1:
-        raise CheckpointError(
-            f"no complete round for run {run_key!r} arm {arm!r} in {store.uri}: "
-            "start from round 1, or check the run key, arm and store URI"
-        )
-    arrays, metrics = load_round(store, run_key, arm, latest)
+        raise _no_round(store, run_key, arm)
+    arrays, metrics, _ = _load(store, run_key, arm, latest, manifest["rounds"][str(latest)])
     return latest, arrays, metrics
+
+
+def _no_round(store: Store, run_key: str, arm: str) -> CheckpointError:
+    """Return the error for an arm without any complete round."""
+    return CheckpointError(
+        f"no complete round for run {run_key!r} arm {arm!r} in {store.uri}: "
+        "start from round 1, or check the run key, arm and store URI"
+    )
+
+
+def load_latest_good(store: Store, run_key: str, arm: str) -> GoodRound:
+    """Return the newest complete round whose objects all verify, and the newer rounds it skipped.
+
+    A round is skipped when one of its objects is missing or corrupt, or its model was
+    pruned by retention. To resume from the result, ``rewind`` to its round first when
+    ``skipped`` is not empty.
+
+    Args:
+        store: where the run's checkpoints are.
+        run_key: the run's key.
+        arm: the arm's name.
+    Returns:
+        A GoodRound: round, arrays, metrics, meta (checkpoint.json) and skipped rounds.
+    Raises:
+        CheckpointError: no complete round, or none verifies (the message lists why each failed).
+        StoreError: the store failed.
+    """
+    manifest = read_manifest(store, run_key, arm)
+    if manifest is None or manifest["latest_complete_round"] < 1:
+        raise _no_round(store, run_key, arm)
+    skipped: list[SkippedRound] = []
+    for r in sorted((int(k) for k in manifest["rounds"]), reverse=True):
+        try:
+            arrays, metrics, meta = _load(store, run_key, arm, r, manifest["rounds"][str(r)], with_meta=True)
+        except (MissingObject, CorruptObject, PrunedRound) as exc:
+            skipped.append(SkippedRound(r, exc.reason, str(exc)))
+            continue
+        return GoodRound(r, arrays, metrics, meta, tuple(skipped))
+    reasons = ", ".join(f"round {s.round} {s.reason}" for s in skipped)
+    raise CheckpointError(
+        f"no round of run {run_key!r} arm {arm!r} in {store.uri} verifies ({reasons}): "
+        "restore the objects from a backup, or rewind to round 0 and train the arm again"
+    )
 
 
 def round_metrics(store: Store, run_key: str, arm: str) -> list[dict]:
     """Return the metrics of every complete round in order, each with its ``round`` added.
 
+    Rounds whose model was pruned by retention are included (their metrics are kept).
     Returns an empty list while no round is complete.
 
     Raises:
@@ -295,6 +369,6 @@ def round_metrics(store: Store, run_key: str, arm: str) -> list[dict]:
     out = []
     for round in sorted(int(r) for r in manifest["rounds"]):
         key = f"{round_prefix(run_key, arm, round)}/{_METRICS}"
-        data = _read_verified(store, key, manifest["rounds"][str(round)]["objects"][key])
-        out.append({**json.loads(data.decode("utf-8")), "round": round})
+        metrics = read_verified_json(store, key, manifest["rounds"][str(round)]["objects"][key])
+        out.append({**metrics, "round": round})
     return out

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import socket
+import threading
 import time
+import urllib.request
 import uuid
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -17,6 +25,7 @@ from infra.checkpoints import (
 )
 from infra.store import LocalStore, ObjectNotFound, S3Store, Store, StoreError, open_store
 from tests.s3server import free_port, running_s3_server
+from tests.tcpproxy import TcpProxy
 
 SECRET = "test-secret-do-not-print"
 ACCESS = "test-access"
@@ -47,6 +56,54 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
         return open_store(str(tmp_path / "store"))
     bucket = request.getfixturevalue("s3_env")
     return open_store(f"s3://{bucket}/team/fedcompare")
+
+
+@pytest.fixture
+def proxy(s3_server: str) -> Iterator[TcpProxy]:
+    """Run a TCP proxy in front of the session's S3 server: stopping it injects an outage."""
+    parts = urlsplit(s3_server)
+    with TcpProxy(parts.hostname, parts.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxied_env(proxy: TcpProxy, s3_env: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point FEDCOMPARE_S3_ENDPOINT at the proxy and return a fresh bucket name."""
+    monkeypatch.setenv("FEDCOMPARE_S3_ENDPOINT", proxy.endpoint)
+    return s3_env
+
+
+@contextmanager
+def answering_503() -> Iterator[tuple[str, int]]:
+    """Run an HTTP server on 127.0.0.1 that answers every request 503 with an S3 error (an injected fault)."""
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            """Read the request body, then answer 503 ServiceUnavailable."""
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+                    b"<Message>injected outage</Message><Resource>/</Resource><RequestId>1</RequestId></Error>")
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = answer
+
+        def log_message(self, *args: object) -> None:
+            """Keep the test output quiet."""
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield "127.0.0.1", server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 # --- store ---------------------------------------------------------------------------
@@ -204,6 +261,121 @@ def test_s3_credentials_fall_back_to_aws_variables(
     open_store(f"s3://{s3_env}").put_bytes("k", b"v")
 
 
+def test_streams_round_trip_from_the_current_position(store: Store) -> None:
+    # Arrange: a payload between a header and a trailer, the stream positioned at the payload
+    payload = os.urandom(5_000_003)
+    src = io.BytesIO(b"HEAD" + payload + b"TAIL")
+    src.seek(4)
+    # Act
+    store.put_stream("runs/s/blob.bin", src, len(payload))
+    out = io.BytesIO()
+    size = store.get_stream("runs/s/blob.bin", out)
+    # Assert
+    assert src.tell() == 4 + len(payload), "put_stream reads exactly `length` bytes"
+    assert size == len(payload) and out.getvalue() == payload
+    assert store.get_bytes("runs/s/blob.bin") == payload
+    with pytest.raises(ObjectNotFound):
+        store.get_stream("runs/s/none.bin", io.BytesIO())
+
+
+def test_short_stream_is_rejected_and_stores_nothing(store: Store) -> None:
+    store.put_bytes("runs/s/x.bin", b"old")
+    with pytest.raises(ValueError, match="expected 10 bytes from the stream, got 3"):
+        store.put_stream("runs/s/x.bin", io.BytesIO(b"abc"), 10)
+    assert store.get_bytes("runs/s/x.bin") == b"old", "a failed write keeps the previous object whole"
+    assert store.list_keys() == ["runs/s/x.bin"]
+    with pytest.raises(ValueError, match="length"):
+        store.put_stream("runs/s/y.bin", io.BytesIO(b"abc"), -1)
+
+
+def test_tcp_proxy_refuses_while_stopped_and_keeps_its_port(proxy: TcpProxy) -> None:
+    port = proxy.port
+    assert urllib.request.urlopen(proxy.endpoint + "/", timeout=5).status == 200
+    proxy.stop()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+    proxy.start()
+    assert proxy.port == port and urllib.request.urlopen(proxy.endpoint + "/", timeout=5).status == 200
+
+
+def test_retry_seconds_setting_is_checked(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDCOMPARE_S3_RETRY_SECONDS", "soon")
+    with pytest.raises(StoreError, match="FEDCOMPARE_S3_RETRY_SECONDS to be a number of seconds >= 0, got 'soon'"):
+        open_store(f"s3://{s3_env}")
+    monkeypatch.setenv("FEDCOMPARE_S3_RETRY_SECONDS", "2.5")
+    store = open_store(f"s3://{s3_env}")
+    assert isinstance(store, S3Store) and store.retry_seconds == 2.5
+
+
+def test_s3_outage_shorter_than_the_bound_is_retried(
+    proxy: TcpProxy, proxied_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: an open store whose endpoint goes away for 2 s
+    monkeypatch.setenv("FEDCOMPARE_S3_RETRY_SECONDS", "20")
+    store = open_store(f"s3://{proxied_env}")
+    store.put_bytes("runs/o/before.bin", b"1")
+    proxy.stop()
+    restart = threading.Timer(2.0, proxy.start)
+    restart.start()
+    started = time.monotonic()
+    # Act
+    store.put_stream("runs/o/during.bin", io.BytesIO(b"x" * 1000), 1000)  # the body must be rewound
+    elapsed = time.monotonic() - started
+    restart.join()
+    # Assert
+    assert 1.5 < elapsed < 15, f"the write should wait out the 2 s outage, took {elapsed:.1f} s"
+    assert store.get_bytes("runs/o/during.bin") == b"x" * 1000
+
+
+def test_s3_outage_longer_than_the_bound_names_the_endpoint(
+    proxy: TcpProxy, proxied_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDCOMPARE_S3_RETRY_SECONDS", "2")
+    store = open_store(f"s3://{proxied_env}")
+    proxy.stop()
+    started = time.monotonic()
+    with pytest.raises(StoreError) as info:
+        store.get_bytes("runs/o/any.bin")
+    elapsed = time.monotonic() - started
+    message = str(info.value)
+    assert 2 <= elapsed < 8, f"expected to give up after the 2 s bound, took {elapsed:.1f} s"
+    assert proxy.endpoint in message and "after retrying for 2 s" in message
+    assert "FEDCOMPARE_S3_RETRY_SECONDS" in message and "\n" not in message and SECRET not in message
+
+
+def test_s3_5xx_answers_are_retried_then_reported(
+    proxy: TcpProxy, proxied_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: the store opens against the real server, then every request gets 503
+    monkeypatch.setenv("FEDCOMPARE_S3_RETRY_SECONDS", "1.5")
+    store = open_store(f"s3://{proxied_env}")
+    real = proxy.target
+    with answering_503() as failing:
+        proxy.stop()
+        proxy.target = failing
+        proxy.start()
+        started = time.monotonic()
+        with pytest.raises(StoreError) as info:
+            store.put_bytes("runs/o/k.bin", b"v")
+        elapsed = time.monotonic() - started
+        # Act: the server recovers 1 s into the next call
+        store.retry_seconds = 20.0
+
+        def recover() -> None:
+            proxy.stop()
+            proxy.target = real
+            proxy.start()
+
+        timer = threading.Timer(1.0, recover)
+        timer.start()
+        store.put_bytes("runs/o/k.bin", b"v2")
+        timer.join()
+    # Assert
+    assert 1.5 <= elapsed < 8, f"expected to retry the 503s for the 1.5 s bound, took {elapsed:.1f} s"
+    assert "ServiceUnavailable" in str(info.value) and "after retrying for" in str(info.value)
+    assert store.get_bytes("runs/o/k.bin") == b"v2"
+
+
 # --- checkpoints -----------------------------------------------------------------------
 
 CONFIG = {"model": "cnn", "rounds": 2, "lr": 0.01, "dp": {"noise_multiplier": 1.1}}
@@ -263,7 +435,7 @@ def test_write_two_rounds_and_load_them(store: Store) -> None:
     for r in (1, 2):
         objects = manifest["rounds"][str(r)]["objects"]
         prefix = round_prefix(run, arm, r)
-        assert sorted(objects) == [f"{prefix}/metrics.json", f"{prefix}/model.npz"]
+        assert sorted(objects) == [f"{prefix}/checkpoint.json", f"{prefix}/metrics.json", f"{prefix}/model.npz"]
         for key, entry in objects.items():
             data = store.get_bytes(key)
             assert entry["size"] == len(data)
