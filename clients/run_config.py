@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
+
+AGGREGATIONS = ("fedavg", "fedmedian", "trimmed-mean", "krum")  # server.strategy.AGGREGATIONS, without Flower
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,10 @@ class ArmRunConfig:
     optimizer: str
     seed: int
     round_timeout: float
+    aggregation: str
+    min_replies: int
+    max_update_norm: float
+    keep_last_rounds: int
     node_evaluation: str
     privacy_mode: str
     target_epsilon: float
@@ -71,7 +78,36 @@ class ArmRunConfig:
             raise ValueError(f"run config optimizer: expected 'adam' or 'sgd', got {config.optimizer!r}")
         if config.accountant not in ("rdp", "prv"):
             raise ValueError(f"run config accountant: expected 'rdp' or 'prv', got {config.accountant!r}")
+        config._check_rounds()
         return config
+
+    def _check_rounds(self) -> None:
+        """Check the round rules: aggregation, minimum replies, update norm bound and timeout."""
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"run config aggregation: expected one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}"
+            )
+        if self.aggregation != "fedavg" and self.privacy_mode == "client-level":
+            raise ValueError(
+                f"run config aggregation {self.aggregation!r} with privacy-mode 'client-level': the client-level "
+                "noise and ε are calibrated to the mean of the clipped updates (a median or Krum can move further "
+                "with one node): use aggregation 'fedavg', or sample-level privacy"
+            )
+        if self.min_replies < 1:
+            raise ValueError(f"run config min-replies: expected 1 or more, got {self.min_replies}")
+        if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):
+            raise ValueError(
+                f"run config max-update-norm: expected a finite number >= 0 (0: no bound), got {self.max_update_norm}"
+            )
+        if self.keep_last_rounds < 0:
+            raise ValueError(f"run config keep-last-rounds: expected 0 (every round) or more, got {self.keep_last_rounds}")
+        if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
+            raise ValueError(f"run config round-timeout: expected seconds > 0, got {self.round_timeout}")
+
+    @property
+    def update_norm_bound(self) -> float | None:
+        """Return the largest update norm the server accepts, or None for no bound (max-update-norm 0)."""
+        return self.max_update_norm or None
 
     def privacy_kwargs(self) -> dict[str, Any]:
         """Return the privacy arguments of `privacy.accounting.plan_*` (noise multiplier 0: calibrate)."""

@@ -68,6 +68,20 @@ class ArmConfig(_Strict):
     # optimizer of the torch models: adam, or sgd (momentum 0.9; the usual choice under DP-SGD);
     # the scikit-learn logreg always runs its own SGD
     optimizer: Literal["adam", "sgd"] = "adam"
+    # how the server combines the nodes' updates: fedavg (mean weighted by examples), or a rule robust to
+    # bad nodes: fedmedian (coordinate-wise median), trimmed-mean (cuts 20% of each tail per coordinate;
+    # nothing with fewer than 5 nodes) or krum (the one update closest to the others); privacy.mode
+    # client-level needs fedavg (its noise and ε are calibrated to the mean)
+    aggregation: Literal["fedavg", "fedmedian", "trimmed-mean", "krum"] = "fedavg"
+    # valid training replies a round needs (at most the arm's nodes; the server checks); with fewer the
+    # round is tried once more, then the arm fails
+    min_replies: int = Field(1, ge=1)
+    # largest L2 norm of a node's update (its model minus the global model) the server accepts (empty: no
+    # bound); replies with wrong array names, shapes or dtypes, or NaN/Inf, are rejected regardless
+    max_update_norm: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    # seconds one try of a round waits for the arm's nodes to connect and reply (evaluation as long);
+    # a node that misses it is left out of the round
+    round_timeout_s: float = Field(600.0, gt=0.0, le=86400.0)
 
 
 class PrivacyConfig(_Strict):
@@ -140,8 +154,6 @@ class CompareConfig(_Strict):
     store_uri: str = ""
     # Flower SuperLink address host:port (empty: $FEDCOMPARE_SUPERLINK or 127.0.0.1:8000)
     superlink: str = ""
-    # seconds the server waits for the replies of one round
-    round_timeout_s: float = Field(600.0, gt=0.0, le=86400.0)
     # when nodes evaluate the global model on their local test split: after the final round
     # only (one message less per node and round) or after every round; the server evaluates
     # centrally after every round either way
@@ -151,6 +163,9 @@ class CompareConfig(_Strict):
     # run key (flow-run id) of an earlier comparison to continue after its last complete
     # round of each arm, with the same config (empty: a new comparison)
     resume_from: str = ""
+    # model checkpoints kept per arm: those of the last N rounds plus the best round (0: every round);
+    # every round's metrics stay, so the report is whole either way
+    keep_last_rounds: int = Field(0, ge=0, le=100_000)
     # times Prefect retries an arm that failed; a retry resumes after the last stored round
     arm_retries: int = Field(1, ge=0, le=10)
     # differential privacy (off by default; the federated-compare/private deployment sweeps ε)
@@ -199,6 +214,14 @@ class CompareConfig(_Strict):
                 "scikit-learn 'logreg': set small.model to 'torch-logreg', privacy.mode to 'client-level', "
                 "or privacy.arms to 'large'"
             )
+        for kind in ("large", "small"):
+            aggregation = getattr(self, kind).aggregation
+            if self.privacy.mode == "client-level" and self.privacy.covers(kind) and aggregation != "fedavg":
+                raise ValueError(
+                    f"{kind}.aggregation: client-level DP calibrates its noise to the mean of the clipped "
+                    f"updates, but the arm aggregates with {aggregation!r}: set {kind}.aggregation to 'fedavg' "
+                    "or use privacy.mode 'sample-level'"
+                )
         return self
 
 

@@ -1,1 +1,1 @@
-"""Flower ServerApp of fedcompare: one arm of a comparison, FedAvg rounds and checkpoint hooks."""
+"""Flower ServerApp of fedcompare: one arm of a comparison, its strategies, round loop and checkpoint hooks."""

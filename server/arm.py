@@ -10,27 +10,32 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from clients.data import central_test, load_dataset
 from clients.models import build_model
 from clients.run_config import ArmRunConfig
-from infra.checkpoints import federation_key, load_latest, read_manifest, round_metrics, write_round
+from infra.checkpoints import (
+    CheckpointError, federation_key, load_latest_good, read_manifest, rewind, round_metrics, write_round,
+)
 from infra.store import Store
-from server.strategy import ArmGrid, ClientLevelDp, RecordingFedAvg
+from server._grid import ArmGrid, node_info_messages
+from server.rounds import RoundPolicy, run_rounds
+from server.strategy import ClientLevelDp, Recording, recording_strategy
 
 log = logging.getLogger("fedcompare.server")
+
+# Run-config keys left out of the checkpoint's config hash: which node ids serve the arm (a restarted node
+# comes back under a new id), how long a round waits and how many replies it needs do not change the model
+# the arm trains, so a run may resume with other values of them.
+_NOT_HASHED = ("mode", "nodes", "round_timeout", "min_replies")
 
 
 def query_federation(grid: Grid, run: ArmRunConfig, store: Store) -> dict[str, Any]:
     """Ask every connected node what it is and store the answers."""
     node_ids = list(grid.get_node_ids())
-    messages = [
-        Message(RecordDict({"query": ConfigRecord({"what": "node-info"})}), message_type="query", dst_node_id=node)
-        for node in node_ids
-    ]
-    replies = list(grid.send_and_receive(messages, timeout=run.round_timeout))
+    replies = list(grid.send_and_receive(node_info_messages(node_ids), timeout=run.round_timeout))
     nodes, failures = [], []
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -61,29 +66,36 @@ def _now() -> str:
 
 
 def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
-    """Train one arm with FedAvg over its nodes, checkpointing every round to the store."""
+    """Train one arm over its nodes with the arm's aggregation, checkpointing every round to the store."""
     random.seed(run.seed)  # Flower's node sampling uses the global `random`
     dataset = load_dataset(run.dataset, label_column=run.label_column)
     test = central_test(dataset, central_test_fraction=run.central_test_fraction, seed=run.seed)
     model = build_model(run.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
                         seed=run.seed, device="cpu", private=run.privacy_mode == "sample-level")
-    done, initial = _resume_point(store, run, model.get_arrays())
+    done, initial, discarded = _resume_point(store, run, model.get_arrays())
     if done >= run.num_rounds:
         log.info("arm %s: all %d rounds are already in the store; nothing to do", run.arm, run.num_rounds)
         return
     model.set_arrays(initial)
-    arm_grid = ArmGrid(grid, run.node_ids)
+    arm_grid = ArmGrid(grid, run.node_ids, partitions=_node_partitions(store, run))
     num_nodes = len(run.node_ids) or len(list(grid.get_node_ids()))
-    strategy = RecordingFedAvg(
-        min_train_nodes=num_nodes, min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes,
+    _check_min_replies(run, num_nodes)
+    strategy = recording_strategy(
+        run.aggregation,
+        # the round loop picks the nodes of each round and bounds every wait, so Flower's own minimums are off
+        min_train_nodes=0, min_evaluate_nodes=0, min_available_nodes=0,
         evaluate_rounds=None if run.node_evaluation == "every-round" else {run.num_rounds},
         round_offset=done,
         # client-level DP bounds each node's influence on the mean, so the nodes weigh the same
         weighted_by_key="dp-unit-weight" if run.privacy_mode == "client-level" else "num-examples",
     )
+    _log_aggregation(run, strategy, num_nodes)
     privacy = _Privacy(run, num_nodes, _stored_history(store, run, done), getattr(model, "dp_fixes", []))
     runner = privacy.wrap(strategy)
-    arm_config = {k: v for k, v in vars(run).items() if k not in ("mode",)}
+    arm_config = {k: v for k, v in vars(run).items() if k not in _NOT_HASHED}
+    model_meta = {"name": run.model, "args": {"input_shape": list(dataset.input_shape),
+                                              "num_classes": dataset.num_classes, "seed": run.seed,
+                                              "private": run.privacy_mode == "sample-level"}}
     train_config = ConfigRecord(
         {"local-epochs": run.local_epochs, "batch-size": run.batch_size, "learning-rate": run.learning_rate}
     )
@@ -119,21 +131,62 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
             "central_evaluate_seconds": central_seconds,
             "finished_at": _now(),
             "resumed_after_round": done,
+            # rounds of an earlier attempt that failed verification and were trained again (first round only)
+            "discarded_rounds": discarded if server_round == done + 1 else [],
             **privacy.round_record(record),
         }
-        write_round(store, run.run_key, run.arm, server_round, named, metrics, arm_config)
+        write_round(store, run.run_key, run.arm, server_round, named, metrics, arm_config,
+                    meta={"model": model_meta, "privacy": metrics.get("privacy")},
+                    score=float(central["accuracy"]), keep_last=run.keep_last_rounds)
         log.info("arm %s round %d: central accuracy %.4f", run.arm, server_round, central["accuracy"])
         return MetricRecord({"accuracy": float(central["accuracy"])})
 
-    runner.start(
-        grid=arm_grid,
-        initial_arrays=_to_record(model.get_arrays()),
+    run_rounds(
+        runner, strategy, arm_grid, arm=run.arm,
+        arrays=_to_record(model.get_arrays()),
         num_rounds=run.num_rounds - done,
-        timeout=run.round_timeout,
+        policy=RoundPolicy(timeout_s=run.round_timeout, min_replies=run.min_replies,
+                           max_update_norm=run.update_norm_bound),
         train_config=train_config,
         evaluate_config=ConfigRecord({}),
         evaluate_fn=checkpoint,
     )
+
+
+def _node_partitions(store: Store, run: ArmRunConfig) -> dict[int, int | None]:
+    """Return node id -> partition id of the nodes the flow's node query found (None: asked, no answer).
+
+    The arm grid uses it to recognise a restarted node (new id, same partition) without
+    asking the nodes it already knows. Empty when the run has no node query.
+    """
+    key = federation_key(run.run_key)
+    if not store.exists(key):
+        log.info("arm %s: no node query under run key %s; a restarted node cannot rejoin this arm", run.arm,
+                 run.run_key)
+        return {}
+    answer = store.get_json(key)
+    known: dict[int, int | None] = {int(f["node_id"]): None for f in answer.get("failures", [])}
+    known.update({int(n["node_id"]): int(n["partition-id"]) for n in answer["nodes"]})
+    return known
+
+
+def _check_min_replies(run: ArmRunConfig, num_nodes: int) -> None:
+    """Fail when the arm needs more valid replies per round than it has nodes."""
+    if run.min_replies > num_nodes:
+        raise ValueError(
+            f"arm {run.arm}: min_replies {run.min_replies} exceeds the arm's {num_nodes} nodes: set the arm's "
+            f"min_replies to at most {num_nodes}, or give the arm more nodes"
+        )
+
+
+def _log_aggregation(run: ArmRunConfig, strategy: Recording, num_nodes: int) -> None:
+    """Log the arm's aggregation and the round rules, warning when trimmed-mean would trim nothing."""
+    log.info("arm %s: %s aggregation, at least %d valid replies per round, update norm bound %s, timeout %g s",
+             run.arm, run.aggregation, run.min_replies, run.update_norm_bound or "none", run.round_timeout)
+    beta = getattr(strategy, "beta", None)  # FedTrimmedAvg's share cut from each tail
+    if beta is not None and int(beta * num_nodes) == 0:
+        log.warning("arm %s: trimmed-mean cuts %g of each tail, which is no node of %d: it is the plain "
+                    "mean of the updates here", run.arm, beta, num_nodes)
 
 
 class _Privacy:
@@ -156,7 +209,7 @@ class _Privacy:
             self.plan = plan_client_level(num_nodes=num_nodes, sampled_nodes=num_nodes, rounds=run.num_rounds,
                                           clipping_norm=run.max_grad_norm, **run.privacy_kwargs())
 
-    def wrap(self, strategy):
+    def wrap(self, strategy: Recording):
         """Return the strategy to run: ``strategy`` itself, or wrapped for client-level DP."""
         if self.plan is None:
             return strategy
@@ -185,7 +238,8 @@ class _Privacy:
         from privacy.accounting import Mechanism, epsilon
 
         replies = len(record.train)
-        effective = self.plan.noise_multiplier * replies / self.num_nodes if replies else None
+        # ClientLevelDp scales the noise to the replies it averaged: a released round has the planned multiplier
+        effective = self.plan.noise_multiplier if replies else None
         if effective:
             self.history.append([effective, self.plan.sample_rate, 1])
         spent = epsilon([Mechanism(*h) for h in self.history], delta=run.delta, accountant=run.accountant)
@@ -203,21 +257,37 @@ def _stored_history(store: Store, run: ArmRunConfig, done: int) -> list[list[flo
     return [list(h) for h in last.get("privacy", {}).get("history", [])]
 
 
-def _resume_point(store: Store, run: ArmRunConfig, fresh: dict[str, np.ndarray]) -> tuple[int, dict]:
-    """Return (last complete round, its model) from the store, or (0, ``fresh``) for a new arm.
+def _resume_point(store: Store, run: ArmRunConfig,
+                  fresh: dict[str, np.ndarray]) -> tuple[int, dict, list[dict[str, Any]]]:
+    """Return (last good round, its model, the newer rounds discarded) from the store; (0, ``fresh``, []) for a new arm.
 
-    A retried arm, or a run that resumes an earlier run key, continues after the last
-    round whose manifest entry is complete, with the same round numbers (and so the same
-    per-round seeds). Every node trains every round (no sampling), so there is no
-    sampling sequence to replay.
+    A retried arm, or a run that resumes an earlier run key, continues after the newest
+    round whose objects all verify (sha256), with the same round numbers (and so the same
+    per-round seeds). Newer rounds that are corrupt, missing or pruned are reported,
+    discarded from the manifest and trained again. Every node trains every round (no
+    sampling), so there is no sampling sequence to replay.
     """
     manifest = read_manifest(store, run.run_key, run.arm)
-    done = manifest["latest_complete_round"] if manifest else 0
-    if not done:
-        return 0, fresh
-    done, arrays, _ = load_latest(store, run.run_key, run.arm)  # verifies the sha256 of every object
-    log.info("arm %s: resuming after round %d of %d from %s", run.arm, done, run.num_rounds, store.uri)
-    return done, arrays
+    if not manifest or not manifest["latest_complete_round"]:
+        return 0, fresh, []
+    try:
+        good = load_latest_good(store, run.run_key, run.arm)
+        done, arrays, skipped = good.round, good.arrays, good.skipped
+    except CheckpointError as exc:  # no stored round verifies: start over
+        log.warning("arm %s: %s; starting again from round 1", run.arm, exc)
+        done, arrays = 0, fresh
+        skipped = ()
+    discarded = [{"round": s.round, "reason": s.reason, "detail": s.detail} for s in skipped]
+    if discarded or not done:
+        for entry in discarded:
+            log.warning("arm %s: round %d in %s is %s (%s); it is trained again", run.arm, entry["round"],
+                        store.uri, entry["reason"], entry["detail"])
+        reason = "; ".join(f"round {e['round']}: {e['reason']} ({e['detail']})" for e in discarded) or \
+            "no stored round verifies"
+        rewind(store, run.run_key, run.arm, done, reason)
+    if done:
+        log.info("arm %s: resuming after round %d of %d from %s", run.arm, done, run.num_rounds, store.uri)
+    return done, arrays, discarded
 
 
 def _weighted(per_node: dict[int, dict[str, float]]) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""FedAvg for one arm: trains only on the arm's nodes and keeps every node's reply."""
+"""The arm's strategy: FedAvg or a robust rule, recording every node's reply, bytes and failures."""
 
 from __future__ import annotations
 
@@ -6,70 +6,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-# Flower's grid polls the SuperLink for replies every 3 s; a round waits for its replies
-# twice (train, evaluate), so that alone adds up to 6 s per round on a fast network.
-# Polling every 0.25 s costs one small local HTTP request per poll.
-REPLY_POLL_S = 0.25
-
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping, FedAvg, FedMedian, FedTrimmedAvg, Krum,
+)
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
-
-class ArmGrid(Grid):
-    """A view of the grid that shows only the nodes assigned to one arm."""
-
-    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
-        self._grid = grid
-        self._node_ids = list(node_ids)
-
-    def set_run(self, run):  # noqa: D102 - delegation
-        return self._grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: D102 - delegation
-        return self._grid.run
-
-    def create_message(self, *args, **kwargs):  # noqa: D102 - delegation
-        return self._grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Return the arm's nodes that are connected now (all connected nodes if none named)."""
-        connected = list(self._grid.get_node_ids())
-        if not self._node_ids:
-            return connected
-        return [node for node in self._node_ids if node in set(connected)]
-
-    def get_nodes(self):  # noqa: D102 - delegation
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages):  # noqa: D102 - delegation
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids):  # noqa: D102 - delegation
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        """Push ``messages`` and collect their replies until all arrived or ``timeout`` passed.
-
-        Same contract as Flower's ``Grid.send_and_receive`` (replies that miss the timeout
-        are left out), with a shorter poll interval (``REPLY_POLL_S``).
-        """
-        messages = list(messages)
-        if not messages:
-            return []
-        pending = set(self._grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending:
-            arrived = list(self._grid.pull_messages(pending))
-            replies.extend(arrived)
-            pending.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(REPLY_POLL_S)
-        return replies
 
 
 def serialized_bytes(content: RecordDict) -> int:
@@ -105,14 +47,15 @@ class RoundLog:
             self.bytes_up += size
 
 
-class RecordingFedAvg(FedAvg):
-    """FedAvg that records per-node metrics, bytes and timings of every round.
+class Recording(FedAvg):
+    """Mixin over FedAvg or one of its robust subclasses: records per-node metrics, bytes and timings of every round.
 
-    ``evaluate_rounds`` says after which rounds the nodes evaluate the global model on
-    their local test split (every round when None); the server evaluates it centrally
-    after every round regardless. ``round_offset`` renumbers rounds when a run resumes
-    after round ``round_offset``: Flower counts from 1 again, the nodes and the records
-    see the run's own numbering (so per-round seeds stay the same).
+    Put it first among the bases (``class X(Recording, FedMedian)``) so it wraps the
+    base's methods. ``evaluate_rounds`` says after which rounds the nodes evaluate the
+    global model on their local test split (every round when None); the server evaluates
+    it centrally after every round regardless. ``round_offset`` renumbers rounds when a
+    run resumes after round ``round_offset``: the round loop counts from 1 again, the
+    nodes and the records see the run's own numbering (so per-round seeds stay the same).
     """
 
     def __init__(self, *, evaluate_rounds: set[int] | None = None, round_offset: int = 0, **kwargs) -> None:
@@ -121,13 +64,17 @@ class RecordingFedAvg(FedAvg):
         self.round_offset = round_offset
         self.rounds: dict[int, RoundLog] = {}
 
+    def evaluates(self, server_round: int) -> bool:
+        """Return whether the nodes evaluate after round ``server_round`` (the loop's count)."""
+        return self.evaluate_rounds is None or server_round + self.round_offset in self.evaluate_rounds
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample the arm's nodes and note the bytes each training message carries."""
         server_round += self.round_offset
         log = self.rounds.setdefault(server_round, RoundLog())
-        log.started = time.time()
+        log.started = log.started or time.time()  # a retried round counts from its first attempt
         messages = list(super().configure_train(server_round, arrays, config, grid))
         for message in messages:
             log.count(message.metadata.dst_node_id, "down", serialized_bytes(message.content))
@@ -136,14 +83,14 @@ class RecordingFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Keep each node's training metrics, then average as FedAvg does.
+        """Keep each node's training metrics, then aggregate as the base strategy does.
 
-        Replies are averaged in node-id order, not arrival order: floating-point sums
+        Replies are aggregated in node-id order, not arrival order: floating-point sums
         depend on the order, and a seeded run should give the same model every time.
         """
         server_round += self.round_offset
         replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
-        log = self.rounds[server_round]
+        log = self.rounds.setdefault(server_round, RoundLog())
         log.trained = time.time()
         self._record(server_round, replies, "train", log.train)
         started = time.perf_counter()
@@ -153,28 +100,37 @@ class RecordingFedAvg(FedAvg):
 
     def _record(self, server_round: int, replies: list[Message], phase: str, into: dict) -> None:
         """Note the failed replies of ``phase`` and each answering node's metrics and bytes (run numbering)."""
-        log = self.rounds[server_round]
         self.note_failures(server_round - self.round_offset, replies, phase)
         for reply in replies:
             if not reply.has_error():
                 into[reply.metadata.src_node_id] = dict(reply.content["metrics"])
-                log.count(reply.metadata.src_node_id, "up", serialized_bytes(reply.content))
+        self.count_replies(server_round - self.round_offset, replies)
 
     def note_failures(self, server_round: int, replies: Iterable[Message], phase: str) -> None:
-        """Record the error replies of ``phase`` in round ``server_round`` (Flower's count) with their reasons."""
-        log = self.rounds.setdefault(server_round + self.round_offset, RoundLog())
+        """Record the error replies of ``phase`` in round ``server_round`` (the loop's count) with their reasons."""
         for reply in replies:
             if reply.has_error():
-                log.failures.append(
-                    {"node_id": reply.metadata.src_node_id, "phase": phase, "reason": reply.error.reason})
+                self.note_failure(server_round, reply.metadata.src_node_id, phase, reply.error.reason)
+
+    def note_failure(self, server_round: int, node: int, phase: str, reason: str) -> None:
+        """Record that ``node`` gave no usable reply in ``phase`` of round ``server_round`` (the loop's count)."""
+        log = self.rounds.setdefault(server_round + self.round_offset, RoundLog())
+        log.failures.append({"node_id": node, "phase": phase, "reason": reason})
+
+    def count_replies(self, server_round: int, replies: Iterable[Message]) -> None:
+        """Add the bytes of the replies that carry content to round ``server_round`` (the loop's count)."""
+        log = self.rounds.setdefault(server_round + self.round_offset, RoundLog())
+        for reply in replies:
+            if not reply.has_error():
+                log.count(reply.metadata.src_node_id, "up", serialized_bytes(reply.content))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample the arm's nodes for evaluation and note the bytes sent."""
-        server_round += self.round_offset
-        if self.evaluate_rounds is not None and server_round not in self.evaluate_rounds:
+        if not self.evaluates(server_round):
             return []
+        server_round += self.round_offset
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         log = self.rounds.setdefault(server_round, RoundLog())
         for message in messages:
@@ -184,7 +140,7 @@ class RecordingFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Keep each node's evaluation metrics, then average them weighted by test examples."""
         server_round += self.round_offset
-        replies = list(replies)
+        replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
         log = self.rounds.setdefault(server_round, RoundLog())
         self._record(server_round, replies, "evaluate", log.evaluate)
         # Evaluation is weighted by test examples even when training uses another key
@@ -196,16 +152,52 @@ class RecordingFedAvg(FedAvg):
             self.weighted_by_key = train_key
 
 
+class RecordingFedAvg(Recording, FedAvg):
+    """FedAvg (the mean weighted by ``weighted_by_key``) that records every round."""
+
+
+class RecordingFedMedian(Recording, FedMedian):
+    """Flower's FedMedian (coordinate-wise median of the updates) that records every round."""
+
+
+class RecordingFedTrimmedAvg(Recording, FedTrimmedAvg):
+    """Flower's FedTrimmedAvg (mean after cutting ``beta`` of each tail, per coordinate) that records every round."""
+
+
+class RecordingKrum(Recording, Krum):
+    """Flower's Krum (the one update closest to its neighbours) that records every round."""
+
+
+AGGREGATIONS: dict[str, type[Recording]] = {
+    "fedavg": RecordingFedAvg,
+    "fedmedian": RecordingFedMedian,
+    "trimmed-mean": RecordingFedTrimmedAvg,
+    "krum": RecordingKrum,
+}
+
+
+def recording_strategy(aggregation: str, **kwargs) -> Recording:
+    """Return the recording strategy for ``aggregation`` (a key of ``AGGREGATIONS``) built with ``kwargs``."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(
+            f"aggregation: expected one of {', '.join(AGGREGATIONS)}, got {aggregation!r}: "
+            "set the arm's aggregation to one of them"
+        )
+    return AGGREGATIONS[aggregation](**kwargs)
+
+
 class ClientLevelDp(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed-clipping DP around a ``RecordingFedAvg``, going on when some nodes fail.
+    """Flower's server-side fixed-clipping DP around a recording FedAvg, going on when some nodes fail.
 
     Flower's wrapper skips a round's aggregation when any reply is an error; here the
-    failed replies are recorded and the round aggregates the others. The noise stays
-    calibrated to all ``num_sampled_clients`` nodes, so such a round has a smaller
-    effective noise multiplier — the arm's accounting (``server.arm``) uses it.
+    failed replies are recorded and the round aggregates the others. Flower scales the
+    noise to ``num_sampled_clients`` (std = noise multiplier × clipping norm / nodes, for a
+    mean over that many nodes); a round with fewer replies averages fewer updates, so each
+    has more weight: the noise is scaled to the replies actually averaged, which keeps the
+    noise multiplier — and the ε the arm accounts per round — the same however many replied.
     """
 
-    strategy: RecordingFedAvg
+    strategy: Recording
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -217,4 +209,8 @@ class ClientLevelDp(DifferentialPrivacyServerSideFixedClipping):
         if not answered:
             self._pop_pending_event(server_round)
             return None, None
-        return super().aggregate_train(server_round, answered)
+        planned, self.num_sampled_clients = self.num_sampled_clients, len(answered)
+        try:
+            return super().aggregate_train(server_round, answered)
+        finally:
+            self.num_sampled_clients = planned

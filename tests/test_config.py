@@ -33,6 +33,12 @@ def test_defaults_are_the_demo_configuration():
         ({"target_accuracy": 1.5}, "target_accuracy"),
         ({"unknown_knob": 1}, "unknown_knob"),
         ({"data": {"alpha": 0.3}}, "data.alpha"),
+        ({"large": {"model": "cnn", "learning_rate": 0.1, "aggregation": "mean"}}, "large.aggregation"),
+        ({"small": {"model": "logreg", "learning_rate": 0.1, "min_replies": 0}}, "small.min_replies"),
+        ({"large": {"model": "cnn", "learning_rate": 0.1, "max_update_norm": 0}}, "large.max_update_norm"),
+        ({"large": {"model": "cnn", "learning_rate": 0.1, "max_update_norm": float("inf")}}, "large.max_update_norm"),
+        ({"small": {"model": "logreg", "learning_rate": 0.1, "round_timeout_s": 0}}, "small.round_timeout_s"),
+        ({"round_timeout_s": 60}, "round_timeout_s"),  # moved into each arm: large.round_timeout_s, small...
     ],
 )
 def test_invalid_values_name_the_field(override, field):
@@ -126,3 +132,74 @@ def test_resume_from_takes_a_run_key_and_retries_are_bounded():
             CompareConfig(resume_from=bad)
     with pytest.raises(ValidationError, match="arm_retries"):
         CompareConfig(arm_retries=-1)
+
+
+def test_round_rules_are_per_arm_with_safe_defaults():
+    config = CompareConfig.model_validate(
+        {"large": {"model": "cnn", "learning_rate": 0.1, "aggregation": "krum", "min_replies": 2,
+                   "max_update_norm": 25.0, "round_timeout_s": 90}}
+    )
+
+    assert (config.large.aggregation, config.large.min_replies) == ("krum", 2)
+    assert (config.large.max_update_norm, config.large.round_timeout_s) == (25.0, 90)
+    small = config.small
+    assert (small.aggregation, small.min_replies, small.max_update_norm, small.round_timeout_s) == (
+        "fedavg", 1, None, 600.0)
+
+
+def test_each_arm_run_carries_its_own_round_rules_and_the_query_waits_for_the_most_patient_arm():
+    config = CompareConfig.model_validate(
+        {"large": {"model": "cnn", "learning_rate": 0.1, "aggregation": "fedmedian", "min_replies": 2,
+                   "max_update_norm": 25.0, "round_timeout_s": 90},
+         "small": {"model": "logreg", "learning_rate": 0.1, "round_timeout_s": 45}}
+    )
+    common = {"run_key": "k", "store_uri": "file:///tmp/s", "nodes": [3, 4]}
+
+    large = ArmRunConfig.from_run_config(_run_config(config, mode="train", arm="large", model="cnn", **common))
+    small = ArmRunConfig.from_run_config(_run_config(config, mode="train", arm="small", model="logreg", **common))
+    query = ArmRunConfig.from_run_config(_run_config(config, mode="query", arm="large", model="logreg", **common))
+
+    assert (large.aggregation, large.min_replies, large.update_norm_bound, large.round_timeout) == (
+        "fedmedian", 2, 25.0, 90.0)
+    assert (small.aggregation, small.min_replies, small.update_norm_bound, small.round_timeout) == (
+        "fedavg", 1, None, 45.0)
+    assert query.round_timeout == 90.0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"aggregation": "mean"}, "aggregation: expected one of fedavg, fedmedian, trimmed-mean, krum, got 'mean'"),
+        ({"min-replies": 0}, "min-replies: expected 1 or more, got 0"),
+        ({"max-update-norm": -1.0}, "max-update-norm: expected a finite number >= 0 \\(0: no bound\\), got -1.0"),
+        ({"max-update-norm": float("nan")}, "max-update-norm: expected a finite number"),
+        ({"round-timeout": 0.0}, "round-timeout: expected seconds > 0, got 0.0"),
+        ({"aggregation": "krum", "privacy-mode": "client-level"}, "'krum' with privacy-mode 'client-level'.*'fedavg'"),
+    ],
+)
+def test_the_app_rejects_bad_round_rules_in_the_run_config(change, message):
+    run_config = _run_config(CompareConfig(), mode="train", arm="large", model="cnn", run_key="k",
+                             store_uri="file:///tmp/s", nodes=[])
+
+    with pytest.raises(ValueError, match=message):
+        ArmRunConfig.from_run_config({**run_config, **change})
+
+
+def test_the_app_config_table_in_pyproject_is_a_valid_run_config():
+    import tomllib
+    from pathlib import Path
+
+    table = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    defaults = ArmRunConfig.from_run_config(table["tool"]["flwr"]["app"]["config"])
+
+    assert (defaults.aggregation, defaults.min_replies, defaults.update_norm_bound) == ("fedavg", 1, None)
+    assert defaults.round_timeout == CompareConfig().large.round_timeout_s
+
+
+def test_robust_aggregation_with_client_level_dp_is_refused_naming_the_arm():
+    with pytest.raises(ValidationError, match=r"small\.aggregation: client-level DP"):
+        CompareConfig.model_validate({"small": {"model": "logreg", "learning_rate": 0.01, "aggregation": "krum"},
+                                      "privacy": {"mode": "client-level"}})
+    allowed = CompareConfig.model_validate({"small": {"model": "logreg", "learning_rate": 0.01, "aggregation": "krum"},
+                                            "privacy": {"mode": "client-level", "arms": "large"}})
+    assert allowed.small.aggregation == "krum"

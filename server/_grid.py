@@ -1,0 +1,138 @@
+"""The arm's view of the Flower grid: its own nodes only, restarted nodes admitted again by partition."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+log = logging.getLogger("fedcompare.server")
+
+# Flower's grid polls the SuperLink for replies every 3 s; a round waits for its replies
+# twice (train, evaluate), so that alone adds up to 6 s per round on a fast network.
+# Polling every 0.25 s costs one small local HTTP request per poll.
+REPLY_POLL_S = 0.25
+
+
+def node_info_messages(node_ids: Iterable[int]) -> list[Message]:
+    """Build the query that asks each node what it is (answered by the ClientApp's ``query``)."""
+    return [
+        Message(RecordDict({"query": ConfigRecord({"what": "node-info"})}), message_type="query", dst_node_id=node)
+        for node in node_ids
+    ]
+
+
+class ArmGrid(Grid):
+    """A view of the grid that shows only the nodes assigned to one arm.
+
+    A restarted Flower 1.41 SuperNode comes back with a new node id (an insecure node
+    registers a fresh key pair). ``partitions`` (node id -> partition id, from the
+    flow's node query; None for a node that did not answer it) lets the arm recognise
+    it: ``admit_new_nodes`` asks every connected node it has never seen which partition
+    it holds, once, and a node that holds one of the arm's partitions takes the place of
+    the arm's node that held it.
+    """
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int], *,
+                 partitions: Mapping[int, int | None] | None = None) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+        self._partition_of: dict[int, int | None] = dict(partitions or {})
+        self._arm_partitions = {self._partition_of[n] for n in self._node_ids if n in self._partition_of}
+
+    def set_run(self, run):  # noqa: D102 - delegation
+        return self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: D102 - delegation
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs):  # noqa: D102 - delegation
+        return self._grid.create_message(*args, **kwargs)
+
+    @property
+    def members(self) -> list[int]:
+        """Return the arm's node ids, connected or not (empty: the arm uses every connected node)."""
+        return list(self._node_ids)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Return the arm's nodes that are connected now (all connected nodes if none named)."""
+        connected = list(self._grid.get_node_ids())
+        if not self._node_ids:
+            return connected
+        return [node for node in self._node_ids if node in set(connected)]
+
+    def pinned(self, node_ids: Iterable[int]) -> ArmGrid:
+        """Return a view whose nodes are exactly ``node_ids``, so a strategy samples what the round saw."""
+        return _Pinned(self._grid, node_ids)
+
+    def admit_new_nodes(self, timeout: float) -> list[int]:
+        """Ask each connected node never seen before for its partition; admit those holding one of the arm's.
+
+        Returns the admitted node ids. A node that does not answer within ``timeout`` is
+        not asked again.
+        """
+        if not self._node_ids or not self._arm_partitions:
+            return []
+        unknown = [n for n in self._grid.get_node_ids() if n not in self._partition_of and n not in self._node_ids]
+        if not unknown:
+            return []
+        answers = {}
+        for reply in self.send_and_receive(node_info_messages(unknown), timeout=timeout):
+            if not reply.has_error():
+                answers[reply.metadata.src_node_id] = int(reply.content["node"]["partition-id"])
+        admitted = []
+        for node in sorted(unknown):
+            partition = self._partition_of[node] = answers.get(node)
+            if node not in answers:
+                log.warning("node %d did not say which partition it holds within %.0f s; it is not asked again",
+                            node, timeout)
+            if partition not in self._arm_partitions:
+                continue
+            replaced = [m for m in self._node_ids if self._partition_of.get(m) == partition]
+            self._node_ids = [m for m in self._node_ids if m not in replaced] + [node]
+            admitted.append(node)
+            log.info("node %d holds partition %d of this arm: it joins in place of node %s (a restarted node)",
+                     node, partition, ", ".join(map(str, replaced)) or "none")
+        return admitted
+
+    def get_nodes(self):  # noqa: D102 - delegation
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages):  # noqa: D102 - delegation
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):  # noqa: D102 - delegation
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        """Push ``messages`` and collect their replies until all arrived or ``timeout`` passed.
+
+        Same contract as Flower's ``Grid.send_and_receive`` (replies that miss the timeout
+        are left out), with a shorter poll interval (``REPLY_POLL_S``).
+        """
+        messages = list(messages)
+        if not messages:
+            return []
+        pending = {message_id for message_id in self._grid.push_messages(messages) if message_id}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            arrived = list(self._grid.pull_messages(pending))
+            replies.extend(arrived)
+            pending.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(REPLY_POLL_S)
+        return replies
+
+
+class _Pinned(ArmGrid):
+    """An arm grid whose node list is fixed: what one round's strategy call may sample from."""
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Return the pinned nodes, connected or not."""
+        return list(self._node_ids)
