@@ -21,13 +21,14 @@ _ROUND_KEYS = {
     "cpu_seconds": "summed client CPU-process seconds on CPU devices; 0 when every client used a GPU",
     "gpu_seconds": "summed client seconds on GPU devices; 0 when no client used a GPU",
     "server_seconds": "server aggregation plus evaluation seconds",
+    "node_kwh": "kWh the nodes measured with codecarbon for their training and evaluation (CPU, RAM, GPU; no PUE)",
 }
 _COST_KEYS = ("usd", "kwh", "kg_co2")
 _ARM_KEYS = ("model", "final_accuracy", "best_accuracy", "time_to_target", "total_usd")
 
 
 class CostModel(BaseModel):
-    """Prices and power figures that turn seconds and bytes into dollars, energy and CO2."""
+    """Prices that turn seconds, bytes and measured energy into dollars, facility energy and CO2."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,10 +40,9 @@ class CostModel(BaseModel):
     gb_transfer_usd: float = Field(0.09, ge=0)
     # kg CO2 per kWh: Ember Global Electricity Review 2024, world average grid carbon intensity 2023 (480 g/kWh).
     kg_co2_per_kwh: float = Field(0.48, ge=0)
-    # Watts drawn by one busy CPU core: Intel Xeon Platinum 8175M (AWS m5) TDP per core, 240 W / 24 cores.
+    # Watts drawn by one busy CPU core, used only to estimate the server's aggregation and central
+    # evaluation energy (the nodes measure theirs): Intel Xeon Platinum 8175M (AWS m5) TDP per core, 240 W / 24.
     cpu_watts: float = Field(10.0, gt=0)
-    # Watts drawn by one busy GPU: NVIDIA A10G (the g5.xlarge GPU) board power limit, 300 W.
-    gpu_watts: float = Field(300.0, gt=0)
     # Data-centre power usage effectiveness (facility power / IT power); 1.0 counts the devices only and
     # ignores cooling. Uptime Institute Global Data Center Survey 2023 reports an average of 1.58.
     pue: float = Field(1.0, ge=1.0)
@@ -72,21 +72,29 @@ def _check_round_order(per_round: list[dict]) -> None:
             )
 
 
-def price(*, cpu_seconds: float, gpu_seconds: float, bytes: int, cost: CostModel) -> dict[str, float]:
-    """Return the usd, kwh and kg_co2 of some CPU seconds, GPU seconds and bytes transferred."""
+def price(*, cpu_seconds: float, gpu_seconds: float, bytes: int, device_kwh: float,
+          cost: CostModel) -> dict[str, float]:
+    """Return the usd of some CPU seconds, GPU seconds and bytes, and the kwh and kg_co2 of `device_kwh` with PUE."""
     usd = (
         cpu_seconds / 3600 * cost.cpu_hour_usd
         + gpu_seconds / 3600 * cost.gpu_hour_usd
         + bytes / 1e9 * cost.gb_transfer_usd
     )
-    kwh = (cpu_seconds * cost.cpu_watts + gpu_seconds * cost.gpu_watts) / 3.6e6 * cost.pue
+    kwh = device_kwh * cost.pue
     return {"usd": usd, "kwh": kwh, "kg_co2": kwh * cost.kg_co2_per_kwh}
 
 
+def server_kwh_estimate(server_seconds: float, cost: CostModel) -> float:
+    """Estimate the server's device kWh: its aggregation and evaluation seconds on one busy core at cpu_watts."""
+    return server_seconds * cost.cpu_watts / 3.6e6
+
+
 def _round_cost(row: dict, cost: CostModel) -> dict[str, float]:
-    """Return the usd, kwh and kg_co2 of one validated round (the server is billed as CPU)."""
-    return price(cpu_seconds=row["cpu_seconds"] + row["server_seconds"], gpu_seconds=row["gpu_seconds"],
-                 bytes=row["bytes"], cost=cost)
+    """Return the usd, kwh, kg_co2 and server_kwh_estimate of one validated round (the server is billed as CPU)."""
+    server_kwh = server_kwh_estimate(row["server_seconds"], cost)
+    return {**price(cpu_seconds=row["cpu_seconds"] + row["server_seconds"], gpu_seconds=row["gpu_seconds"],
+                    bytes=row["bytes"], device_kwh=row["node_kwh"] + server_kwh, cost=cost),
+            "server_kwh_estimate": server_kwh}
 
 
 def round_costs(per_round: list[dict], cost: CostModel) -> list[dict]:
@@ -94,19 +102,20 @@ def round_costs(per_round: list[dict], cost: CostModel) -> list[dict]:
 
     Per round, with CPU time = cpu_seconds + server_seconds (the server is billed as CPU):
 
-        usd    = CPU time / 3600 * cpu_hour_usd + gpu_seconds / 3600 * gpu_hour_usd
-                 + bytes / 1e9 * gb_transfer_usd
-        kwh    = (CPU time * cpu_watts + gpu_seconds * gpu_watts) / 3.6e6 * pue
-        kg_co2 = kwh * kg_co2_per_kwh
+        usd                 = CPU time / 3600 * cpu_hour_usd + gpu_seconds / 3600 * gpu_hour_usd
+                              + bytes / 1e9 * gb_transfer_usd
+        server_kwh_estimate = server_seconds * cpu_watts / 3.6e6     (the server does not measure)
+        kwh                 = (node_kwh + server_kwh_estimate) * pue  (node_kwh: measured on the nodes)
+        kg_co2              = kwh * kg_co2_per_kwh
 
     Args:
-        per_round: rows with keys round, accuracy, seconds, bytes, cpu_seconds, gpu_seconds and
-            server_seconds, in increasing round order; other keys are kept as they are.
-        cost: the price and power table.
+        per_round: rows with keys round, accuracy, seconds, bytes, cpu_seconds, gpu_seconds,
+            server_seconds and node_kwh, in increasing round order; other keys are kept as they are.
+        cost: the price table.
 
     Returns:
-        One new dict per round: the input keys plus usd, kwh, kg_co2 and the cumulative
-        cum_seconds, cum_bytes, cum_usd, cum_kwh and cum_kg_co2 up to and including that round.
+        One new dict per round: the input keys plus usd, server_kwh_estimate, kwh, kg_co2 and the
+        cumulative cum_seconds, cum_bytes, cum_usd, cum_kwh and cum_kg_co2 up to and including that round.
 
     Raises:
         ValueError: a key is missing, a value is negative or not a finite number, or the rounds do

@@ -9,8 +9,20 @@ import numpy as np
 
 from flows.decision import CostModel, price, recommend, round_costs, time_to_target
 
-REPORT_VERSION = 3  # 2: cost, time to target, recommendation; 3: privacy
-READABLE_VERSIONS = (2, 3)  # 3 only adds keys: a version-2 report reads as one without privacy
+REPORT_VERSION = 4  # 2: cost, time to target, recommendation; 3: privacy; 4: energy measured on the nodes
+READABLE_VERSIONS = (2, 3, 4)  # 3 and 4 only add keys; a report before 4 keeps its estimated energy and says so
+
+# How each node's codecarbon measured its CPU (reply metric energy-cpu-method), in words: the codes
+# of clients/_energy.py CPU_METHODS (tests/test_energy.py checks that both name the same ones).
+CPU_ENERGY_METHODS = {
+    0: "not reported by codecarbon",
+    1: "RAPL energy counters",
+    2: "TDP × process CPU load",
+    3: "half the TDP, whatever the load",
+    4: "Intel Power Gadget",
+    5: "Apple powermetrics",
+    6: "Windows Energy Meter (RAPL)",
+}
 
 
 def model_size(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -24,15 +36,19 @@ def first_round_reaching(rounds: list[dict], target: float) -> int | None:
 
 
 def round_resources(round_metrics: dict) -> dict[str, float]:
-    """Return the resources one round used, as the price table bills them.
+    """Return the resources one round used, as the price table bills them, and the energy the nodes measured.
 
     ``cpu_seconds``: CPU process time of training and evaluation on CPU nodes;
     ``gpu_seconds``: wall time of training and evaluation on GPU nodes (the GPU is held
     throughout); ``server_seconds``: the server's aggregation and central evaluation;
-    ``peak_rss_mb``: the largest ClientApp process of the round.
+    ``peak_rss_mb``: the largest ClientApp process of the round; ``node_kwh``: the kWh the
+    nodes measured with codecarbon around training and evaluation (``train-kwh``,
+    ``evaluate-kwh``); ``energy_unmeasured``: replies without a kWh (stored by a fedcompare
+    that did not measure energy yet), whose energy node_kwh lacks.
     """
-    cpu = gpu = 0.0
+    cpu = gpu = kwh = 0.0
     peak = 0.0
+    unmeasured = 0
     for node in round_metrics["nodes"]:
         for phase, reply in (("train", node["train"]), ("evaluate", node["evaluate"])):
             if not reply:
@@ -42,19 +58,25 @@ def round_resources(round_metrics: dict) -> dict[str, float]:
             else:
                 cpu += reply.get(f"{phase}-cpu-seconds", 0.0)
             peak = max(peak, reply.get("peak-rss-mb", 0.0))
+            if f"{phase}-kwh" in reply:
+                kwh += reply[f"{phase}-kwh"]
+            else:
+                unmeasured += 1
     server = round_metrics.get("aggregate_seconds", 0.0) + round_metrics.get("central_evaluate_seconds", 0.0)
-    return {"cpu_seconds": cpu, "gpu_seconds": gpu, "server_seconds": server, "peak_rss_mb": peak}
+    return {"cpu_seconds": cpu, "gpu_seconds": gpu, "server_seconds": server, "peak_rss_mb": peak,
+            "node_kwh": kwh, "energy_unmeasured": unmeasured}
 
 
 def node_costs(rounds: list[dict], cost: CostModel) -> list[dict[str, Any]]:
-    """Return one row per node: its measured resources over all rounds and what they cost."""
+    """Return one row per node: its measured resources and energy over all rounds and what they cost."""
     nodes: dict[int, dict[str, Any]] = {}
+    methods: dict[int, set[str]] = {}
     for r in rounds:
         for n in r["nodes"]:
             row = nodes.setdefault(n["node_id"], {
                 "node_id": n["node_id"], "rounds": 0, "on_gpu": False, "train_seconds": 0.0,
                 "train_cpu_seconds": 0.0, "evaluate_seconds": 0.0, "evaluate_cpu_seconds": 0.0,
-                "peak_rss_mb": 0.0, "bytes_down": 0, "bytes_up": 0,
+                "peak_rss_mb": 0.0, "bytes_down": 0, "bytes_up": 0, "train_kwh": 0.0, "evaluate_kwh": 0.0,
             })
             train, evaluate = n["train"], n["evaluate"]
             row["rounds"] += 1 if train else 0
@@ -67,12 +89,24 @@ def node_costs(rounds: list[dict], cost: CostModel) -> list[dict[str, Any]]:
                                      evaluate.get("peak-rss-mb", 0.0))
             row["bytes_down"] += n.get("bytes", {}).get("down", 0)
             row["bytes_up"] += n.get("bytes", {}).get("up", 0)
-    for row in nodes.values():
+            row["train_kwh"] += train.get("train-kwh", 0.0)
+            row["evaluate_kwh"] += evaluate.get("evaluate-kwh", 0.0)
+            methods.setdefault(n["node_id"], set()).update(
+                _cpu_energy_method(reply["energy-cpu-method"]) for reply in (train, evaluate)
+                if "energy-cpu-method" in reply)
+    for node, row in nodes.items():
         busy = row["train_seconds"] + row["evaluate_seconds"]
         cpu = row["train_cpu_seconds"] + row["evaluate_cpu_seconds"]
+        row["cpu_energy_method"] = "; ".join(sorted(methods[node])) or "not measured"
         row.update(price(cpu_seconds=0.0 if row["on_gpu"] else cpu, gpu_seconds=busy if row["on_gpu"] else 0.0,
-                         bytes=row["bytes_down"] + row["bytes_up"], cost=cost))
+                         bytes=row["bytes_down"] + row["bytes_up"], device_kwh=row["train_kwh"] + row["evaluate_kwh"],
+                         cost=cost))
     return [nodes[node] for node in sorted(nodes)]
+
+
+def _cpu_energy_method(code: float) -> str:
+    """Return how a node's codecarbon measured its CPU, in words, from its reply code."""
+    return CPU_ENERGY_METHODS.get(int(code), f"unknown method code {code:g}")
 
 
 def privacy_summary(rounds: list[dict]) -> dict[str, Any] | None:
@@ -160,7 +194,10 @@ def summarize_arm(
         "first_round_reaching_target": first_round_reaching(rounds, target_accuracy),
         "reference": reference,
         "gap_to_reference": (reference["accuracy"] - final["central"]["accuracy"]) if reference else None,
-        "dropped": [f for r in rounds for f in r.get("failures", [])],
+        # replies a round went on without (dead, hung or rejected nodes, spent privacy budgets)
+        "dropped": [{"round": r["round"], **f} for r in rounds for f in r.get("failures", [])],
+        # stored rounds that failed verification on a resume and were trained again
+        "discarded_rounds": [d for r in rounds for d in r.get("discarded_rounds", [])],
         "privacy": privacy_summary(rounds),
         "per_round": [
             {
@@ -187,8 +224,14 @@ def summarize_arm(
     summary["total_usd"] = costed[-1]["cum_usd"]
     summary["total_kwh"] = costed[-1]["cum_kwh"]
     summary["total_kg_co2"] = costed[-1]["cum_kg_co2"]
+    summary["node_kwh"] = sum(r["node_kwh"] for r in costed)
+    summary["server_kwh_estimate"] = sum(r["server_kwh_estimate"] for r in costed)
+    summary["energy_unmeasured"] = sum(r["energy_unmeasured"] for r in costed)
     summary["peak_rss_mb"] = max(r["peak_rss_mb"] for r in costed)
     summary["per_node"] = node_costs(rounds, cost or CostModel())
+    summary["energy_methods"] = sorted({_cpu_energy_method(reply["energy-cpu-method"]) for r in rounds
+                                        for n in r["nodes"] for reply in (n["train"], n["evaluate"])
+                                        if "energy-cpu-method" in reply})
     return summary
 
 
@@ -328,7 +371,35 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 _ROUND_COLUMNS = ("round", "accuracy", "macro_f1", "nodes", "bytes", "seconds", "cpu_seconds", "gpu_seconds",
-                  "server_seconds", "usd", "cum_usd", "kwh", "cum_kg_co2")
+                  "server_seconds", "usd", "cum_usd", "node_kwh", "server_kwh_estimate", "kwh", "cum_kg_co2")
+
+
+def _energy_explained(report: dict[str, Any]) -> str:
+    """Say in plain words how the report's energy and emissions were obtained, with the methods its nodes used."""
+    cost = report["config"].get("cost") or CostModel().model_dump()
+    factors = (f"times the PUE {cost['pue']}; emissions are that energy at {cost['kg_co2_per_kwh']} kg CO2/kWh "
+               "(`CompareConfig.cost`; sources in `flows/decision.py`).")
+    if report.get("report_version", REPORT_VERSION) < 4:
+        return (f"Energy was estimated, not measured: {cost['cpu_watts']} W per busy CPU core and "
+                f"{cost.get('gpu_watts', '?')} W per busy GPU, {factors}")
+    methods = sorted({m for s in report["arms"].values() for m in s.get("energy_methods", [])})
+    seen = f" This run's nodes measured their CPU by: {'; '.join(methods)}." if methods else ""
+    text = (
+        "Energy is measured on each node with codecarbon's offline tracker, for the node's process and its "
+        "children and only while it trains or evaluates. The CPU part comes from the processor's RAPL energy "
+        "counters where Linux lets the node read them; otherwise it is an estimate: the CPU's rated power (TDP, "
+        "from codecarbon's table of CPU models, or 4 W per thread for a model missing from it) times the share "
+        f"of the machine's CPU time the process used.{seen} RAM counts about 5 W per memory module its memory "
+        "fills, at least 10 W, for as long as the block runs; a GPU node adds its GPU's own energy counter "
+        "(NVIDIA NVML, the whole board). The server does not measure: its aggregation and central evaluation "
+        f"are estimated at {cost['cpu_watts']} W per busy core (*server_kwh_estimate*). Energy is the sum, {factors}"
+    )
+    unmeasured = {arm: s["energy_unmeasured"] for arm, s in report["arms"].items() if s.get("energy_unmeasured")}
+    if unmeasured:
+        listed = ", ".join(f"{n} of {arm}" for arm, n in unmeasured.items())
+        text += (f" Node replies without an energy measurement ({listed}; rounds stored before fedcompare measured "
+                 "energy) count as zero: re-run those arms for complete totals.")
+    return text
 
 
 def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None) -> str:
@@ -357,10 +428,9 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
         "Cost applies the price table to what was measured: CPU process seconds of the nodes' training "
         "and evaluation on CPU nodes and of the server's aggregation and evaluation, at "
         f"${cost['cpu_hour_usd']}/CPU-hour; wall seconds on GPU nodes at ${cost['gpu_hour_usd']}/GPU-hour; "
-        f"bytes of the serialized arrays sent and received at ${cost['gb_transfer_usd']}/GB. Energy is "
-        f"estimated as {cost['cpu_watts']} W per busy CPU core and {cost['gpu_watts']} W per busy GPU "
-        f"(PUE {cost['pue']}), emissions at {cost['kg_co2_per_kwh']} kg CO2/kWh "
-        "(`CompareConfig.cost`; sources in `flows/decision.py`).",
+        f"bytes of the serialized arrays sent and received at ${cost['gb_transfer_usd']}/GB.",
+        "",
+        _energy_explained(report),
         "",
     ]
     private = privacy_rows(report)
@@ -377,7 +447,11 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
         parts += [f"## {arm}: {s['model']} on nodes {', '.join(map(str, s['nodes']))}", _table(rows),
                   f"Per node ({arm}), over all rounds:", _table(s["per_node"])]
         if s["dropped"]:
-            parts += ["Dropped replies:", _table(s["dropped"])]
+            parts += ["Replies the rounds went on without (a node that died, hung, was rejected or sat out):",
+                      _table(s["dropped"])]
+        if s.get("discarded_rounds"):
+            parts += ["Stored rounds that failed verification when the arm resumed, and were trained again:",
+                      _table(s["discarded_rounds"])]
     nodes = [
         {k: n.get(k) for k in ("node_id", "tier", "device", "partition-id", "num-train", "num-test", "classes-seen")}
         for n in report["federation"]["nodes"]

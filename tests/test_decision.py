@@ -8,15 +8,15 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from flows.decision import CostModel, recommend, round_costs, time_to_target
+from flows.decision import CostModel, price, recommend, round_costs, server_kwh_estimate, time_to_target
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 0.9
 
 
-def _row(number, accuracy, *, seconds=10.0, bytes_=1000, cpu=0.0, gpu=0.0, server=0.0):
+def _row(number, accuracy, *, seconds=10.0, bytes_=1000, cpu=0.0, gpu=0.0, server=0.0, node_kwh=0.0):
     return {"round": number, "accuracy": accuracy, "seconds": seconds, "bytes": bytes_,
-            "cpu_seconds": cpu, "gpu_seconds": gpu, "server_seconds": server}
+            "cpu_seconds": cpu, "gpu_seconds": gpu, "server_seconds": server, "node_kwh": node_kwh}
 
 
 def _arm(model, best, *, usd=None, rounds=None, final=None, total=None):
@@ -36,10 +36,11 @@ def test_cost_model_defaults_are_the_documented_price_table():
     cost = CostModel()
 
     assert (cost.gpu_hour_usd, cost.cpu_hour_usd, cost.gb_transfer_usd) == (1.006, 0.048, 0.09)
-    assert (cost.kg_co2_per_kwh, cost.cpu_watts, cost.gpu_watts, cost.pue) == (0.48, 10.0, 300.0, 1.0)
+    assert (cost.kg_co2_per_kwh, cost.cpu_watts, cost.pue) == (0.48, 10.0, 1.0)
 
 
-@pytest.mark.parametrize("bad", [{"gpu_hour_usd": -1.0}, {"cpu_watts": 0.0}, {"pue": 0.9}, {"gpu_hours": 1.0}])
+@pytest.mark.parametrize("bad", [{"gpu_hour_usd": -1.0}, {"cpu_watts": 0.0}, {"pue": 0.9}, {"gpu_hours": 1.0},
+                                 {"gpu_watts": 300.0}])  # the nodes measure GPU energy: no GPU wattage to set
 def test_cost_model_rejects_out_of_range_and_unknown_fields(bad):
     with pytest.raises(pydantic.ValidationError):
         CostModel(**bad)
@@ -53,28 +54,45 @@ def test_cost_model_is_frozen():
 # --- round_costs --------------------------------------------------------------------------------
 
 PRICES = CostModel(gpu_hour_usd=2.0, cpu_hour_usd=0.5, gb_transfer_usd=0.1, kg_co2_per_kwh=0.4,
-                   cpu_watts=20.0, gpu_watts=250.0, pue=1.5)
+                   cpu_watts=20.0, pue=1.5)
 TWO_ROUNDS = [
-    _row(1, 0.70, seconds=100.0, bytes_=2_000_000_000, cpu=720.0, gpu=360.0, server=180.0),
-    _row(2, 0.85, seconds=50.0, bytes_=500_000_000, cpu=1800.0, gpu=0.0, server=0.0),
+    _row(1, 0.70, seconds=100.0, bytes_=2_000_000_000, cpu=720.0, gpu=360.0, server=180.0, node_kwh=0.029),
+    _row(2, 0.85, seconds=50.0, bytes_=500_000_000, cpu=1800.0, gpu=0.0, server=0.0, node_kwh=0.01),
 ]
 
 
 def test_round_cost_is_the_price_table_applied_by_hand():
     # Round 1: CPU time 720 + 180 = 900 s = 0.25 h; GPU 360 s = 0.1 h; 2 GB.
     usd_1 = 0.25 * 0.5 + 0.1 * 2.0 + 2 * 0.1                 # 0.125 + 0.2 + 0.2 = 0.525
-    kwh_1 = (900 * 20 + 360 * 250) / 3_600_000 * 1.5        # 108000 J/s*s -> 0.03 kWh, * PUE = 0.045
-    # Round 2: CPU time 1800 s = 0.5 h; no GPU; 0.5 GB.
+    server_1 = 180 * 20 / 3_600_000                         # server estimate: 180 s at 20 W = 0.001 kWh
+    kwh_1 = (0.029 + server_1) * 1.5                        # measured 0.029 + 0.001 = 0.03 kWh, * PUE = 0.045
+    # Round 2: CPU time 1800 s = 0.5 h; no GPU; 0.5 GB; no server time.
     usd_2 = 0.5 * 0.5 + 0.5 * 0.1                           # 0.25 + 0.05 = 0.3
-    kwh_2 = 1800 * 20 / 3_600_000 * 1.5                     # 0.01 kWh * PUE = 0.015
+    kwh_2 = 0.01 * 1.5                                      # measured 0.01 kWh * PUE = 0.015
 
     rows = round_costs(TWO_ROUNDS, PRICES)
 
     assert [r["usd"] for r in rows] == pytest.approx([usd_1, usd_2])
     assert [r["usd"] for r in rows] == pytest.approx([0.525, 0.3])
+    assert [r["server_kwh_estimate"] for r in rows] == pytest.approx([0.001, 0.0])
     assert [r["kwh"] for r in rows] == pytest.approx([kwh_1, kwh_2])
     assert [r["kwh"] for r in rows] == pytest.approx([0.045, 0.015])
     assert [r["kg_co2"] for r in rows] == pytest.approx([0.045 * 0.4, 0.015 * 0.4])
+
+
+def test_energy_is_the_measured_kwh_times_pue_whatever_the_seconds():
+    # the same measured energy priced for an hour of CPU and for an hour of GPU: the seconds set the dollars only
+    on_cpu = price(cpu_seconds=3600.0, gpu_seconds=0.0, bytes=0, device_kwh=0.2, cost=PRICES)
+    on_gpu = price(cpu_seconds=0.0, gpu_seconds=3600.0, bytes=0, device_kwh=0.2, cost=PRICES)
+
+    assert on_cpu["kwh"] == on_gpu["kwh"] == pytest.approx(0.2 * 1.5)
+    assert on_cpu["kg_co2"] == pytest.approx(0.2 * 1.5 * 0.4)
+    assert (on_cpu["usd"], on_gpu["usd"]) == pytest.approx((0.5, 2.0))
+
+
+def test_server_energy_is_estimated_from_its_seconds_at_cpu_watts():
+    assert server_kwh_estimate(3600.0, PRICES) == pytest.approx(20.0 / 1000)  # one hour at 20 W
+    assert server_kwh_estimate(0.0, PRICES) == 0.0
 
 
 def test_round_costs_accumulate_and_keep_the_inputs():
@@ -97,6 +115,8 @@ def test_no_rounds_cost_nothing():
     ([{k: v for k, v in _row(1, 0.5).items() if k != "gpu_seconds"}], ["'gpu_seconds'", "per_round[0]"]),
     ([_row(1, 0.5), _row(2, 0.6, bytes_=-1)], ["bytes=-1", "round 2"]),
     ([_row(1, 0.5, cpu=float("nan"))], ["cpu_seconds=nan"]),
+    ([{k: v for k, v in _row(1, 0.5).items() if k != "node_kwh"}], ["'node_kwh'", "codecarbon"]),
+    ([_row(1, 0.5, node_kwh=-0.1)], ["node_kwh=-0.1"]),
     ([_row(1, 0.5), _row(1, 0.6)], ["round 1 after round 1", "sort the rows"]),
     ([_row(2, 0.5), _row(1, 0.6)], ["round 1 after round 2"]),
     ([_row(1.5, 0.5)], ["round=1.5", "integer"]),

@@ -8,13 +8,17 @@ from flows.report import (
     build_report, first_round_reaching, model_size, render_markdown, summarize_arm, summary_rows,
 )
 
+KWH_PER_TRAIN_SECOND = 1e-5  # what the hand-made nodes report measuring (codecarbon's train-kwh)
+
 
 def _round(number, accuracy, train_seconds=(1.0, 2.0)):
     return {
         "round": number, "model": "cnn", "round_seconds": 10.0, "bytes_down": 100, "bytes_up": 50,
         "central": {"accuracy": accuracy, "macro_f1": accuracy - 0.01, "loss": 1 - accuracy},
         "federated": {"accuracy": accuracy + 0.02},
-        "nodes": [{"node_id": i, "train": {"train-seconds": s, "train-cpu-seconds": s / 2}, "evaluate": {}}
+        "nodes": [{"node_id": i, "train": {"train-seconds": s, "train-cpu-seconds": s / 2,
+                                           "train-kwh": s * KWH_PER_TRAIN_SECOND, "energy-cpu-method": 2.0},
+                   "evaluate": {}}
                   for i, s in enumerate(train_seconds)],
         "failures": [],
     }
@@ -70,6 +74,24 @@ def test_markdown_and_rows_show_every_arm():
     assert report["recommendation"]["choice"] == "large"  # the only arm reaching 0.9
     assert report["recommendation"]["text"] in markdown
     assert "![accuracy per round](data:image/png;base64,AAAA)" in markdown
+    assert "measured on each node with codecarbon" in markdown
+    assert "This run's nodes measured their CPU by: TDP × process CPU load." in markdown
+    assert "Node replies without an energy measurement" not in markdown
+
+
+def test_a_report_from_before_measured_energy_says_its_energy_was_estimated():
+    arm = summarize_arm("large", [_round(1, 0.95)], nodes=[1], parameters=5, model_bytes=20, wall_seconds=1.0,
+                        reference=None, target_accuracy=0.9)
+    report = build_report(run_key="k", target_accuracy=0.9, arms={"large": arm}, federation={"nodes": []},
+                          versions={}, config={"data": {"dataset": "mnist", "partitioning": "iid"},
+                                               "assignment": "all-nodes",
+                                               "cost": {**CostModel().model_dump(), "gpu_watts": 300.0}})
+    report["report_version"] = 3
+
+    markdown = render_markdown(report)
+
+    assert "Energy was estimated, not measured: 10.0 W per busy CPU core and 300.0 W per busy GPU" in markdown
+    assert "codecarbon" not in markdown
 
 
 def test_cost_is_the_price_table_applied_to_the_measured_resources():
@@ -77,9 +99,10 @@ def test_cost_is_the_price_table_applied_to_the_measured_resources():
     for r in rounds:
         r["aggregate_seconds"], r["central_evaluate_seconds"] = 0.5, 1.5
         r["nodes"][0]["train"]["on-gpu"] = 1.0  # node 0 trains on a GPU: billed by wall time
-        r["nodes"][1]["evaluate"] = {"evaluate-seconds": 0.4, "evaluate-cpu-seconds": 0.3, "peak-rss-mb": 900.0}
+        r["nodes"][1]["evaluate"] = {"evaluate-seconds": 0.4, "evaluate-cpu-seconds": 0.3, "peak-rss-mb": 900.0,
+                                     "evaluate-kwh": 4e-6}
     cost = CostModel(cpu_hour_usd=3.6, gpu_hour_usd=36.0, gb_transfer_usd=1e9 / 150, cpu_watts=100.0,
-                     gpu_watts=1000.0, kg_co2_per_kwh=2.0)
+                     kg_co2_per_kwh=2.0, pue=1.25)
 
     summary = summarize_arm("large", rounds, nodes=[0, 1], parameters=1, model_bytes=4, wall_seconds=1.0,
                             reference=None, target_accuracy=0.9, cost=cost)
@@ -88,9 +111,19 @@ def test_cost_is_the_price_table_applied_to_the_measured_resources():
     # node 1: train CPU 1.0 s + evaluate CPU 0.3 s; server 0.5 + 1.5 s; node 0: GPU wall 1.0 s; 150 bytes
     assert (first["cpu_seconds"], first["gpu_seconds"], first["server_seconds"]) == pytest.approx((1.3, 1.0, 2.0))
     assert first["usd"] == pytest.approx(3.3 * 3.6 / 3600 + 1.0 * 36.0 / 3600 + 1.0)
-    assert first["kwh"] == pytest.approx((3.3 * 100.0 + 1.0 * 1000.0) / 3.6e6)
+    # measured on the nodes: train 1e-5 (node 0) + 2e-5 (node 1) + evaluate 4e-6 (node 1); server: 2 s at 100 W
+    assert first["node_kwh"] == pytest.approx(3.4e-5)
+    assert first["server_kwh_estimate"] == pytest.approx(2.0 * 100.0 / 3.6e6)
+    assert first["kwh"] == pytest.approx((3.4e-5 + 2.0 * 100.0 / 3.6e6) * 1.25)
+    assert first["kg_co2"] == pytest.approx(2.0 * first["kwh"])
     assert summary["total_usd"] == pytest.approx(2 * first["usd"])
+    assert summary["total_kwh"] == pytest.approx(2 * first["kwh"])
     assert summary["total_kg_co2"] == pytest.approx(2 * 2.0 * first["kwh"])
+    assert (summary["node_kwh"], summary["energy_unmeasured"]) == (pytest.approx(6.8e-5), 0)
+    # the per-node rows and the server estimate add up to the per-round totals
+    nodes_kwh = sum(n["kwh"] for n in summary["per_node"])
+    assert nodes_kwh + summary["server_kwh_estimate"] * 1.25 == pytest.approx(summary["total_kwh"])
+    assert sum(n["kg_co2"] for n in summary["per_node"]) == pytest.approx(2.0 * nodes_kwh)
     assert summary["time_to_target"]["round"] == 2
     assert summary["time_to_target"]["usd"] == pytest.approx(summary["per_round"][1]["cum_usd"])
     assert summary["peak_rss_mb"] == 900.0
@@ -132,6 +165,26 @@ def test_node_costs_price_each_node_by_its_device_and_traffic():
     # gpu node: 2 rounds x 1.0 s wall at $36/h; cpu node: 2 x 1.0 s CPU (train-cpu-seconds) at $3.6/h
     assert gpu_node["usd"] == pytest.approx(2.0 * 36.0 / 3600 + 3000 / 1e9 * 1e6)
     assert cpu_node["usd"] == pytest.approx(2.0 * 3.6 / 3600 + 3000 / 1e9 * 1e6)
+    # energy: what each node measured over its 2 rounds (1 s and 2 s of training), whatever its device
+    assert (gpu_node["train_kwh"], cpu_node["train_kwh"]) == pytest.approx((2e-5, 4e-5))
+    assert (gpu_node["kwh"], cpu_node["kwh"]) == pytest.approx((2e-5, 4e-5))  # default PUE 1.0
+    assert cpu_node["kg_co2"] == pytest.approx(4e-5 * 0.48)
+    assert cpu_node["cpu_energy_method"] == "TDP × process CPU load"
+
+
+def test_replies_without_energy_are_counted_and_named_in_the_report():
+    measured, old = _round(1, 0.95), _round(2, 0.96)
+    for n in old["nodes"]:  # as a fedcompare before energy measurement stored them
+        del n["train"]["train-kwh"], n["train"]["energy-cpu-method"]
+    arm = summarize_arm("large", [measured, old], nodes=[0, 1], parameters=1, model_bytes=4, wall_seconds=1.0,
+                        reference=None, target_accuracy=0.9)
+    report = build_report(run_key="k", target_accuracy=0.9, arms={"large": arm}, federation={"nodes": []},
+                          versions={}, config={"data": {"dataset": "mnist", "partitioning": "iid"},
+                                               "assignment": "all-nodes"})
+
+    assert [r["energy_unmeasured"] for r in arm["per_round"]] == [0, 2]
+    assert arm["per_round"][1]["node_kwh"] == 0.0 and arm["node_kwh"] == pytest.approx(3e-5)
+    assert "Node replies without an energy measurement (2 of large" in render_markdown(report)
 
 
 def _private_round(number, accuracy, epsilon):
