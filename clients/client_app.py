@@ -11,6 +11,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients._energy import EnergyMeter  # stdlib only: codecarbon loads when a meter is created
+from clients._faults import HANG_TIMEOUTS, apply_fault, node_fault  # test-only fault injection
 from clients.data import Dataset, load_dataset, node_data
 from clients.models import Model, build_model
 from clients.run_config import ArmRunConfig
@@ -76,6 +78,7 @@ def query(msg: Message, context: Context) -> Message:
             "num-test": len(test.y),
             "classes-seen": int(np.unique(train.y).size),
             "pid": os.getpid(),
+            "fault": node_fault(context.node_config),  # "" unless a test injects a fault into this node
         }
     )
     return Message(RecordDict({"node": info}), reply_to=msg)
@@ -93,7 +96,9 @@ def _detect_device(tier: str) -> str:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the node's local training split."""
+    meter = _energy_meter(context)  # first: codecarbon detects the hardware while the data loads
     run, train_set, _ = _local_data(context)
+    fault = node_fault(context.node_config)  # "" on a real node; tests inject faults (clients/_faults.py)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     epochs, batch_size = int(config["local-epochs"]), int(config["batch-size"])
@@ -103,19 +108,24 @@ def train(msg: Message, context: Context) -> Message:
     elif run.privacy_mode == "client-level":
         private = {"dp-unit-weight": 1.0}  # client-level DP averages the clipped updates with equal weights
     model = _model(run, context, train_set, msg.content["arrays"])
-    metrics = model.fit(
-        train_set,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=float(config["learning-rate"]),
-        optimizer=run.optimizer,
-        seed=run.seed + server_round,
-        **wrap,
-    )
-    arrays = ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in model.get_arrays().items()))
+    with meter.measure(on_gpu=model.device.startswith("cuda")) as energy:
+        metrics = model.fit(
+            train_set,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=float(config["learning-rate"]),
+            optimizer=run.optimizer,
+            seed=run.seed + server_round,
+            **wrap,
+        )
+    trained = model.get_arrays()
+    if fault:
+        received = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+        trained = apply_fault(fault, trained, received, hang_seconds=HANG_TIMEOUTS * run.round_timeout)
+    arrays = ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in trained.items()))
     reply = MetricRecord(
         {"num-examples": len(train_set.y), **_floats(metrics, "num_examples", *_withheld(run)),
-         **_resources(model.device), **private}
+         **_resources(model.device), **energy.metrics("train"), **private}
     )
     return Message(RecordDict({"arrays": arrays, "metrics": reply}), reply_to=msg)
 
@@ -152,13 +162,16 @@ def _charge_dp_sgd(run: ArmRunConfig, context: Context, server_round: int, num_e
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the node's local test split."""
+    meter = _energy_meter(context)  # first: codecarbon detects the hardware while the data loads
     run, train_set, test_set = _local_data(context)
     model = _model(run, context, train_set, msg.content["arrays"])
-    wall, cpu = time.perf_counter(), time.process_time()
-    metrics = model.evaluate(test_set, batch_size=run.batch_size)
-    timing = {"evaluate-seconds": time.perf_counter() - wall, "evaluate-cpu-seconds": time.process_time() - cpu}
+    with meter.measure(on_gpu=model.device.startswith("cuda")) as energy:
+        wall, cpu = time.perf_counter(), time.process_time()
+        metrics = model.evaluate(test_set, batch_size=run.batch_size)
+        timing = {"evaluate-seconds": time.perf_counter() - wall, "evaluate-cpu-seconds": time.process_time() - cpu}
     reply = MetricRecord(
-        {"num-examples": len(test_set.y), **_floats(metrics, "num_examples"), **timing, **_resources(model.device)}
+        {"num-examples": len(test_set.y), **_floats(metrics, "num_examples"), **timing, **_resources(model.device),
+         **energy.metrics("evaluate")}
     )
     return Message(RecordDict({"metrics": reply}), reply_to=msg)
 
@@ -166,6 +179,12 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _withheld(run: ArmRunConfig) -> tuple[str, ...]:
     """Return the training metrics a private run does not send: the DP guarantee covers the model only."""
     return ("train_loss",) if run.privacy_mode != "none" else ()
+
+
+def _energy_meter(context: Context) -> EnergyMeter:
+    """Start measuring this node's energy with codecarbon's offline tracker."""
+    _, _, _, device = _node_facts(context)
+    return EnergyMeter(device=device)
 
 
 def _resources(device: str) -> dict[str, float]:

@@ -28,7 +28,7 @@ from flows.report import build_report, model_size, render_markdown, summarize_ar
 from infra.checkpoints import (
     federation_key, load_latest, plot_key, read_manifest, report_key, round_metrics,
 )
-from infra.store import open_store
+from infra.store import StoreError, open_store
 
 ARMS = ("large", "small")
 _POLL_S = 1.0  # store reads while following a run
@@ -75,13 +75,23 @@ def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_k
         "central-test-fraction": data.central_test_fraction, "local-test-fraction": data.local_test_fraction,
         "num-rounds": config.rounds, "local-epochs": arm_config.local_epochs,
         "batch-size": arm_config.batch_size, "learning-rate": arm_config.learning_rate,
-        "optimizer": arm_config.optimizer, "seed": config.seed, "round-timeout": config.round_timeout_s,
+        "optimizer": arm_config.optimizer, "seed": config.seed,
+        # the node query is not an arm: it waits as long as the most patient arm
+        "round-timeout": query_timeout_s(config) if mode == "query" else arm_config.round_timeout_s,
+        "aggregation": arm_config.aggregation, "min-replies": arm_config.min_replies,
+        "max-update-norm": float(arm_config.max_update_norm or 0.0),  # 0: no bound
+        "keep-last-rounds": config.keep_last_rounds,
         "node-evaluation": config.node_evaluation,
         "privacy-mode": privacy.mode if epsilon is not None else "none",
         "target-epsilon": float(epsilon or privacy.target_epsilon), "delta": privacy.delta,
         "max-grad-norm": privacy.max_grad_norm, "accountant": privacy.accountant,
         "noise-multiplier": float(privacy.noise_multiplier or 0.0),
     }
+
+
+def query_timeout_s(config: CompareConfig) -> float:
+    """Return how long the node query waits for answers: the longest round timeout of the arms."""
+    return max(getattr(config, kind).round_timeout_s for kind in ARMS)
 
 
 def _data_kwargs(config: CompareConfig) -> dict[str, Any]:
@@ -119,6 +129,14 @@ def _wait_for(run_id: int, superlink: str, timeout_s: float, *, on_poll=None, lo
         time.sleep(_POLL_S)
 
 
+def _exists(store, key: str) -> bool:
+    """Return whether ``key`` is in the store; an unreachable store counts as not yet (the run's status decides)."""
+    try:
+        return store.exists(key)
+    except StoreError:
+        return False
+
+
 def _failed(what: str, run_id: int, status: str, superlink: str) -> RuntimeError:
     """Build the error for a Flower run that ended badly, with the end of its log."""
     tail = run_log(run_id, superlink, tail=25)
@@ -144,8 +162,8 @@ def discover_nodes(config: CompareConfig, run_key: str, store_uri: str, superlin
                              run_key=run_key, store_uri=store_uri, nodes=[])
     run_id = submit_run(run_config, superlink)
     store = open_store(store_uri)
-    status = _wait_for(run_id, superlink, config.round_timeout_s + 120,
-                       looks_done=lambda: store.exists(federation_key(run_key)))
+    status = _wait_for(run_id, superlink, query_timeout_s(config) + 120,
+                       looks_done=lambda: _exists(store, federation_key(run_key)))
     if not status.completed:
         raise _failed("the node query", run_id, status.status, superlink)
     answer = store.get_json(federation_key(run_key))
@@ -236,14 +254,34 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
     logger.info("%s arm: Flower run %s submitted (%s on nodes %s%s)", arm, run_id, model, nodes,
                 f", resuming after round {seen}" if seen else "")
 
-    def mirror_rounds() -> None:
-        """Log every newly completed round and advance the progress artifact."""
-        nonlocal seen
-        manifest = read_manifest(store, run_key, arm)
-        latest = manifest["latest_complete_round"] if manifest else 0
-        if latest <= seen:
+    store_down = False
+
+    def mirror_rounds(strict: bool = False) -> None:
+        """Log every newly completed round and advance the progress artifact (``strict``: store errors raise)."""
+        nonlocal seen, store_down
+        try:
+            manifest = read_manifest(store, run_key, arm)
+            latest = manifest["latest_complete_round"] if manifest else 0
+            if latest < seen:  # the ServerApp found stored rounds that fail verification: they are trained again
+                logger.warning("%s arm: rounds %d to %d failed verification and are trained again",
+                               arm, latest + 1, seen)
+                seen = latest
+            new = round_metrics(store, run_key, arm)[seen:latest] if latest > seen else []
+        except StoreError as exc:
+            if strict:
+                raise
+            # Mirroring is a view of the store; the ServerApp owns the writes and fails the run
+            # itself if the store stays away, so an outage here only pauses the mirror.
+            if not store_down:
+                logger.warning("%s arm: cannot read the store to follow the rounds (%s); will retry", arm, exc)
+            store_down = True
             return
-        for metrics in round_metrics(store, run_key, arm)[seen:latest]:
+        if store_down:
+            logger.info("%s arm: the store answers again", arm)
+            store_down = False
+        if not new:
+            return
+        for metrics in new:
             logger.info(
                 "%s round %d/%d: central accuracy %.4f, macro-F1 %.4f, %d nodes, %.1f s",
                 arm, metrics["round"], config.rounds, metrics["central"]["accuracy"],
@@ -253,14 +291,16 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
         update_progress_artifact(artifact_id=progress, progress=100.0 * seen / config.rounds)
 
     try:
-        status = _wait_for(run_id, superlink, config.rounds * config.round_timeout_s + 300,
+        # a round may take two training attempts and an evaluation, each within the arm's round timeout
+        round_limit_s = 3 * getattr(config, kind or arm).round_timeout_s
+        status = _wait_for(run_id, superlink, config.rounds * round_limit_s + 300,
                            on_poll=mirror_rounds, looks_done=lambda: seen >= config.rounds)
     except BaseException:
         stop_run(run_id, superlink)
         raise
     if not status.completed:
         raise _failed(f"the {arm} arm", run_id, status.status, superlink)
-    mirror_rounds()
+    mirror_rounds(strict=True)
     if seen != config.rounds:
         raise RuntimeError(f"the {arm} arm finished with {seen} of {config.rounds} rounds in the store")
     return {"flower_run_id": run_id, "wall_seconds": time.monotonic() - started,
@@ -295,7 +335,7 @@ def train_reference(arm: str, model: str, partition_ids: list[int], num_partitio
 
 def _versions() -> dict[str, str]:
     """Return the versions of fedcompare and the libraries that shape its numbers."""
-    names = ("fedcompare", "flwr", "prefect", "torch", "scikit-learn", "numpy")
+    names = ("fedcompare", "flwr", "prefect", "torch", "opacus", "scikit-learn", "numpy", "codecarbon")
     found = {}
     for name in names:
         try:

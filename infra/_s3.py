@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, BinaryIO, Callable, TypeVar
 
 from infra._store_base import CHUNK, ObjectNotFound, Store, StoreError, check_key, check_length
+
+log = logging.getLogger("fedcompare.store")
 
 __all__ = ["DEFAULT_RETRY_SECONDS", "PART_SIZE", "S3Store"]
 
@@ -125,6 +128,9 @@ class S3Store(Store):
                     if error is exc:
                         raise
                     raise error from None
+                if attempts == 1:
+                    log.warning("the S3 store at %s did not answer (%s); retrying for up to %.0f s",
+                                self.endpoint_url, type(exc).__name__, left)
             time.sleep(min(delay, left))
             delay = min(2 * delay, _MAX_BACKOFF_S)
             if rewind is not None:
