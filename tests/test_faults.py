@@ -125,12 +125,12 @@ def _extra_node(state: Path, name: str, partition: int, fault: str) -> subproces
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    log = open(state / "logs" / f"{name}.log", "ab")
-    return subprocess.Popen(
-        [FLOWER_SUPERNODE, "--insecure", "--superlink", f"127.0.0.1:{settings['superlink_port']}",
-         "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-    )
+    with open(state / "logs" / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [FLOWER_SUPERNODE, "--insecure", "--superlink", f"127.0.0.1:{settings['superlink_port']}",
+             "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        )
 
 
 def _kill_group(process: subprocess.Popen) -> None:
