@@ -195,9 +195,9 @@ class _Privacy:
     Sample-level: the nodes run DP-SGD and report their accountant inputs; the round
     records them per node (ε of the arm = max over nodes). Client-level: Flower's
     ``DifferentialPrivacyServerSideFixedClipping`` clips each update to
-    ``max_grad_norm`` and adds noise of ``σ·C/n`` to the mean of the ``n`` nodes; when
-    only ``m < n`` nodes reply, that noise is ``σ·m/n`` times the mean's sensitivity
-    ``C/m``, and the round is accounted with that smaller multiplier.
+    ``max_grad_norm`` and ``ClientLevelDp`` adds noise of ``σ·C/m`` to the mean of the ``m``
+    nodes that replied (the mean's sensitivity is ``C/m``), so every released round is
+    accounted with the planned multiplier ``σ``; a round without replies releases nothing.
     """
 
     def __init__(self, run: ArmRunConfig, num_nodes: int, history: list[list[float]], fixes: list[str]) -> None:
@@ -239,9 +239,9 @@ class _Privacy:
 
         replies = len(record.train)
         # ClientLevelDp scales the noise to the replies it averaged: a released round has the planned multiplier
-        effective = self.plan.noise_multiplier if replies else None
-        if effective:
-            self.history.append([effective, self.plan.sample_rate, 1])
+        effective = self.plan.noise_multiplier if replies else None  # kept in the metrics: None = nothing released
+        if replies:
+            self.history.append([self.plan.noise_multiplier, self.plan.sample_rate, 1])
         spent = epsilon([Mechanism(*h) for h in self.history], delta=run.delta, accountant=run.accountant)
         return {"privacy": {**base, "noise_multiplier": self.plan.noise_multiplier,
                             "effective_noise_multiplier": effective, "clipping_norm": self.plan.max_grad_norm,
