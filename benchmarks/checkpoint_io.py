@@ -1,16 +1,19 @@
-"""Checkpoint I/O: save/load throughput of write_round/load_round against raw put/get of the same store.
+"""Checkpoint I/O: save/load throughput of write_round/load_model against raw put/get of the same store.
 
 For every size (``--sizes`` in MB, 1 MB = 10**6 bytes) and backend (``--backends``), saves a
 model of that many bytes (float32 arrays in a few layers) with ``write_round`` and loads it
-with ``load_round`` (sha256-verified), and measures in the same run the raw throughput of the
-same target for the same number of bytes:
+with ``load_model`` (the manifest read while the model downloads, the model verified
+against it), and measures in the same run the raw throughput of the same target for the
+same number of bytes. ``load_round_MBps`` is ``load_round`` (the model plus its verified
+metrics.json: one more request, which costs moto_server about 3 ms):
 
 - ``local``: a LocalStore in a temp dir; raw = plain file write + fsync, and read, in that dir.
 - ``s3``: an S3Store against a moto_server the script starts on a free 127.0.0.1 port (and
   always stops); raw = minio ``put_object``/``get_object`` with the client's defaults.
 
-The four measurements interleave (save, raw put, load, raw get; the raw payload is as
-large as the saved model.npz). ``--warmup`` untimed runs come first (fresh memory and files
+The five measurements interleave (save, raw put, then load, load_round and raw get in an
+order that rotates from run to run, since the first read after writing pays more; the raw
+payload is as large as the saved model.npz). ``--warmup`` untimed runs come first (fresh memory and files
 are slow to touch the first time on some VMs); then each throughput is the best of
 ``--repeat`` runs, the run least disturbed by other processes (ratios of the medians are
 printed too). ``client_cpu_ms`` is this process's CPU time per operation (median; the
@@ -53,7 +56,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import numpy as np  # noqa: E402
 
-from infra.checkpoints import load_round, write_round  # noqa: E402
+from infra.checkpoints import load_model, load_round, write_round  # noqa: E402
 from infra.store import LocalStore, S3Store, Store  # noqa: E402
 
 MB = 10**6
@@ -158,7 +161,7 @@ class _Clock:
     """Wall and CPU seconds of each operation, per operation name."""
 
     def __init__(self) -> None:
-        self.wall: dict[str, list[float]] = {k: [] for k in ("save", "raw_put", "load", "raw_get")}
+        self.wall: dict[str, list[float]] = {k: [] for k in ("save", "raw_put", "load", "load_round", "raw_get")}
         self.cpu: dict[str, list[float]] = {k: [] for k in self.wall}
 
     @contextmanager
@@ -188,14 +191,20 @@ def _measure(store: Store, raw, size_mb: int, repeat: int, warmup: int) -> dict:
         with clock.time("raw_put"):
             raw.put(payload)
         payload = b""
-        with _peak_extra_rss(load_rss, sampling), clock.time("load"):
-            loaded, _ = load_round(store, run_key, "large", 1)
-        assert all(np.array_equal(loaded[k], arrays[k]) for k in arrays), "the loaded model differs"
-        loaded = {}
-        with clock.time("raw_get"):
-            got = raw.get()
-        assert len(got) == object_size
-        got = b""
+        reads = ["load", "load_round", "raw_get"]
+        for name in reads[attempt % 3:] + reads[:attempt % 3]:  # rotate: the first read after writing pays more
+            if name == "load":
+                with _peak_extra_rss(load_rss, sampling), clock.time("load"):
+                    loaded = load_model(store, run_key, "large", 1)
+                assert all(np.array_equal(loaded[k], arrays[k]) for k in arrays), "the loaded model differs"
+            elif name == "load_round":
+                with clock.time("load_round"):
+                    loaded, _ = load_round(store, run_key, "large", 1)
+            else:
+                with clock.time("raw_get"):
+                    got = raw.get()
+                assert len(got) == object_size
+            loaded, got = {}, b""
         for key in store.list_keys(f"runs/{run_key}/"):
             store.delete(key)
         raw.clear()
@@ -207,6 +216,7 @@ def _measure(store: Store, raw, size_mb: int, repeat: int, warmup: int) -> dict:
         "save_ratio": round(best["save"] / best["raw_put"], 3),
         "load_MBps": round(best["load"], 1), "raw_get_MBps": round(best["raw_get"], 1),
         "load_ratio": round(best["load"] / best["raw_get"], 3),
+        "load_round_MBps": round(best["load_round"], 1),
         "median_save_ratio": round(median["save"] / median["raw_put"], 3),
         "median_load_ratio": round(median["load"] / median["raw_get"], 3),
         "client_cpu_ms": {k: round(1000 * statistics.median(v)) for k, v in clock.cpu.items()},

@@ -1,4 +1,4 @@
-"""Model arrays to and from .npz archives, streamed through a sha256 (private; use infra.checkpoints).
+"""Model arrays to and from .npz archives, streamed through their digests (private; use infra.checkpoints).
 
 An archive is written front to back and never rewritten (zip data descriptors instead of
 patched headers), so it can be hashed while it is written and the bytes are the same
@@ -18,25 +18,40 @@ import zipfile
 from typing import IO, Any, BinaryIO, Mapping
 
 import numpy as np
+import xxhash
 
-__all__ = ["BackgroundWriter", "HashingWriter", "NpzStreamReader", "arrays_to_npz_bytes", "describe_arrays",
-           "npz_bytes_to_arrays", "read_npz", "spool", "write_npz"]
+__all__ = ["DIGESTS", "BackgroundWriter", "HashingWriter", "NpzStreamReader", "arrays_to_npz_bytes",
+           "describe_arrays", "entry_of", "npz_bytes_to_arrays", "read_digest", "read_npz", "spool", "write_npz"]
 
 SPOOL_MAX = 16 << 20  # a serialized model up to this size stays in memory; a larger one spills to a temp file
 
 
-class HashingWriter:
-    """A write-only file that passes bytes on to ``target`` while counting and hashing them (sha256)."""
+DIGESTS = ("sha256", "xxh3_128")  # what a manifest entry records
+_READ_ORDER = ("xxh3_128", "sha256")  # a read verifies the first of these its entry has
 
-    def __init__(self, target: IO[bytes]) -> None:
+
+def _hasher(name: str) -> Any:
+    """Return a fresh hash object for one of DIGESTS."""
+    return xxhash.xxh3_128() if name == "xxh3_128" else hashlib.new(name)
+
+
+class HashingWriter:
+    """A write-only file that passes bytes on to ``target`` while counting and hashing them.
+
+    ``digests`` names the hashes to compute (of DIGESTS): writing records sha256 (the
+    object's identity) and xxh3-128; a verified read computes only the one it checks.
+    """
+
+    def __init__(self, target: IO[bytes], digests: tuple[str, ...] = DIGESTS) -> None:
         self._target = target
-        self._sha = hashlib.sha256()
+        self._hashes = {name: _hasher(name) for name in digests}
         self.size = 0
 
     def write(self, data: Any) -> int:
         """Hash ``data``, write it to the target and return its length."""
         view = memoryview(data)
-        self._sha.update(view)
+        for hasher in self._hashes.values():
+            hasher.update(view)
         self._target.write(view)
         self.size += view.nbytes
         return view.nbytes
@@ -45,9 +60,26 @@ class HashingWriter:
         """Flush the target."""
         self._target.flush()
 
-    def hexdigest(self) -> str:
-        """Return the sha256 hex digest of everything written so far."""
-        return self._sha.hexdigest()
+    def hexdigests(self) -> dict[str, str]:
+        """Return the hex digest of everything written so far, per hash name."""
+        return {name: hasher.hexdigest() for name, hasher in self._hashes.items()}
+
+
+def entry_of(data: bytes) -> dict[str, Any]:
+    """Return the manifest entry of ``data``: its digests (DIGESTS) and size."""
+    return {**{name: _digest(name, data) for name in DIGESTS}, "size": len(data)}
+
+
+def _digest(name: str, data: bytes) -> str:
+    """Return the hex digest of ``data`` under hash ``name``."""
+    hasher = _hasher(name)
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
+def read_digest(entry: Mapping[str, Any]) -> str:
+    """Return the digest a read verifies for a manifest entry: xxh3-128 where recorded, else sha256."""
+    return next(name for name in _READ_ORDER if name in entry)
 
 
 class BackgroundWriter:

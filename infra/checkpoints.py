@@ -5,11 +5,17 @@ Layout (identical on every backend)::
     runs/<run_key>/<arm>/round-0001/model.npz        the global model's named arrays
     runs/<run_key>/<arm>/round-0001/metrics.json     the round's metrics
     runs/<run_key>/<arm>/round-0001/checkpoint.json  what the round is: model, config, privacy, code versions
-    runs/<run_key>/<arm>/manifest.json               sha256/size of every object, written last
+    runs/<run_key>/<arm>/manifest.json               sha256, xxh3-128, size of every object, written last
 
 The manifest is the commit point: a round exists once the manifest lists it, so a crash
 between objects and manifest leaves the previous round as the latest good one. Every
-read checks sha256 and size against the manifest. A model is never held twice in
+read checks an object's size and digest against the manifest: xxh3-128 where the entry
+has it, else sha256 (rounds written before xxh3-128 was recorded). sha256 stays the
+object's identity (the resume checks compare it); reads verify xxh3-128 because sha256
+costs as much CPU as the download itself, and a cryptographic digest buys nothing here:
+the manifest lives in the same store unsigned, so whoever can rewrite an object can
+rewrite its entry too, while accidental corruption slips past a 128-bit check with
+probability 2**-128. A model is never held twice in
 memory: it is serialized into a temp file while hashed (memory up to 16 MiB, then
 TMPDIR) and uploaded from there; on reading, its bytes are hashed and decoded straight
 into the arrays as they arrive, and the arrays are returned only if the hash matches.
@@ -20,8 +26,7 @@ rounds whose objects are damaged.
 
 from __future__ import annotations
 
-import hashlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -32,7 +37,8 @@ from infra._layout import (
     config_hash, federation_key, manifest_key, plot_key, report_key, round_prefix,
 )
 from infra._manifest import FORMAT_VERSION, read_manifest, require_manifest, round_entry
-from infra._npz import HashingWriter, arrays_to_npz_bytes, describe_arrays, npz_bytes_to_arrays, spool, write_npz
+from infra._npz import (HashingWriter, arrays_to_npz_bytes, describe_arrays, entry_of, npz_bytes_to_arrays, spool,
+                        write_npz)
 from infra._provenance import code_version
 from infra._retention import check_keep_last, check_meta, check_score, prune
 from infra._verified import (
@@ -42,7 +48,7 @@ from infra.store import Store, json_bytes
 
 __all__ = [
     "CheckpointError", "FORMAT_VERSION", "GoodRound", "SkippedRound", "arrays_to_npz_bytes", "config_hash",
-    "federation_key", "load_latest", "load_latest_good", "load_round", "npz_bytes_to_arrays", "plot_key",
+    "federation_key", "load_latest", "load_latest_good", "load_model", "load_round", "npz_bytes_to_arrays", "plot_key",
     "read_checkpoint", "read_manifest", "report_key", "rewind", "round_metrics", "round_prefix", "write_round",
 ]
 
@@ -74,9 +80,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _entry(data: bytes) -> dict:
-    """Return the manifest entry (sha256 and size) of ``data``."""
-    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+def _same_bytes(stored: Mapping[str, Any] | None, written: Mapping[str, Any]) -> bool:
+    """Return whether a stored manifest entry describes the same bytes as a fresh one (sha256 and size)."""
+    return stored is not None and (stored["sha256"], stored["size"]) == (written["sha256"], written["size"])
 
 
 def write_round(
@@ -141,11 +147,11 @@ def write_round(
     with spool() as model_file:
         writer = HashingWriter(model_file)
         write_npz(arrays, writer)
-        entries = {model_key: {"sha256": writer.hexdigest(), "size": writer.size},
-                   metrics_key: _entry(metrics_bytes)}
+        entries = {model_key: {**writer.hexdigests(), "size": writer.size},
+                   metrics_key: entry_of(metrics_bytes)}
         if round == latest:
             stored = manifest["rounds"][str(round)]["objects"]
-            if all(stored.get(k) == v for k, v in entries.items()):
+            if all(_same_bytes(stored.get(k), v) for k, v in entries.items()):
                 _delete_models(store, run_key, arm, manifest, [int(r) for r in manifest["rounds"]
                                                               if "pruned" in manifest["rounds"][r]])
                 return manifest
@@ -162,7 +168,7 @@ def write_round(
             meta_bytes = json_bytes(document)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"expected meta of plain JSON values, got {exc}: convert it first") from None
-        entries[meta_key] = _entry(meta_bytes)
+        entries[meta_key] = entry_of(meta_bytes)
         model_file.seek(0)
         store.put_stream(model_key, model_file, writer.size)
     store.put_bytes(metrics_key, metrics_bytes)
@@ -239,24 +245,40 @@ def rewind(store: Store, run_key: str, arm: str, to_round: int, reason: str) -> 
     return manifest
 
 
-def _load(store: Store, run_key: str, arm: str, round: int, entry: Mapping[str, Any], *,
-          with_meta: bool = False) -> tuple[dict[str, np.ndarray], dict, dict | None]:
-    """Return a round's verified arrays, metrics and (``with_meta``) checkpoint.json."""
+def _load(store: Store, run_key: str, arm: str, round: int, entry: Mapping[str, Any] | Future, *,
+          with_metrics: bool = True, with_meta: bool = False) -> tuple[dict[str, np.ndarray], dict, dict | None]:
+    """Return a round's verified arrays, and (if asked for) its metrics and checkpoint.json ({} / None if not).
+
+    ``entry`` may be a Future of the round's manifest entry: the model then downloads while
+    the manifest is read, and the manifest's errors (no such round, pruned) come first.
+    """
     prefix = round_prefix(run_key, arm, round)
-    objects = entry["objects"]
     model_key, metrics_key, meta_key = (f"{prefix}/{name}" for name in (_MODEL, _METRICS, _META))
-    if "pruned" in entry:
-        raise PrunedRound(
-            f"round {round} of run {run_key!r} arm {arm!r} in {store.uri}: its model was pruned by retention "
-            f"({entry['pruned']['reason']}, at {entry['pruned']['at']}): load a kept round, "
-            "or write with a larger keep_last"
-        )
+
+    def known() -> Mapping[str, Any]:
+        """Return the round's entry once read; raise when the round cannot be loaded."""
+        got = entry.result() if isinstance(entry, Future) else entry
+        if "pruned" in got:
+            raise PrunedRound(
+                f"round {round} of run {run_key!r} arm {arm!r} in {store.uri}: its model was pruned by retention "
+                f"({got['pruned']['reason']}, at {got['pruned']['at']}): load a kept round, "
+                "or write with a larger keep_last"
+            )
+        return got
+
+    if not isinstance(entry, Future):
+        known()  # a pruned round fails before any download
     with ThreadPoolExecutor(max_workers=1) as pool:  # the small objects travel while the model streams
         small = pool.submit(lambda: (
-            read_verified_json(store, metrics_key, objects[metrics_key]),
-            read_verified_json(store, meta_key, objects[meta_key]) if with_meta and meta_key in objects else None,
+            read_verified_json(store, metrics_key, known()["objects"][metrics_key]) if with_metrics else {},
+            read_verified_json(store, meta_key, known()["objects"][meta_key])
+            if with_meta and meta_key in known()["objects"] else None,
         ))
-        arrays = read_model(store, model_key, objects[model_key])
+        try:
+            arrays = read_model(store, model_key, lambda: known()["objects"][model_key])
+        except Exception:
+            known()  # the manifest's reason (no such round, pruned) explains a failed download best
+            raise
         metrics, meta = small.result()
     return arrays, metrics, meta
 
@@ -264,15 +286,40 @@ def _load(store: Store, run_key: str, arm: str, round: int, entry: Mapping[str, 
 def load_round(
     store: Store, run_key: str, arm: str, round: int
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Return one complete round's arrays (in saved order) and metrics, both verified by sha256.
+    """Return one complete round's arrays (in saved order) and metrics, both verified against the manifest.
 
     Raises:
         CheckpointError: no manifest, the round is not complete, its model was pruned by
             retention, or an object is missing/corrupt.
         StoreError: the store failed.
     """
-    arrays, metrics, _ = _load(store, run_key, arm, round, round_entry(store, run_key, arm, round))
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the round's model key is known: read the manifest meanwhile
+        arrays, metrics, _ = _load(store, run_key, arm, round, pool.submit(round_entry, store, run_key, arm, round))
     return arrays, metrics
+
+
+def load_model(store: Store, run_key: str, arm: str, round: int) -> dict[str, np.ndarray]:
+    """Return one complete round's model arrays (in saved order), verified against the manifest.
+
+    load_round without the metrics: the model downloads while the manifest is read, and
+    nothing else is fetched.
+
+    Args:
+        store: where the run's checkpoints are.
+        run_key: the run's key.
+        arm: the arm's name.
+        round: the round number.
+    Returns:
+        The model's named arrays.
+    Raises:
+        CheckpointError: no manifest, the round is not complete, its model was pruned by
+            retention, or the model object is missing/corrupt.
+        StoreError: the store failed.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        entry = pool.submit(round_entry, store, run_key, arm, round)
+        arrays, _, _ = _load(store, run_key, arm, round, entry, with_metrics=False)
+    return arrays
 
 
 def read_checkpoint(store: Store, run_key: str, arm: str, round: int) -> dict | None:

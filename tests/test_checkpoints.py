@@ -19,7 +19,7 @@ from minio import Minio
 from infra._npz import NpzStreamReader
 from infra.checkpoints import (
     CheckpointError, GoodRound, SkippedRound, arrays_to_npz_bytes, config_hash, load_latest, load_latest_good,
-    load_round, read_checkpoint, read_manifest, rewind, round_metrics, round_prefix, write_round,
+    load_model, load_round, read_checkpoint, read_manifest, rewind, round_metrics, round_prefix, write_round,
 )
 from infra.store import S3Store, Store, StoreError, open_store
 from tests.tcpproxy import TcpProxy
@@ -129,7 +129,7 @@ def test_flipped_byte_makes_load_latest_good_return_the_previous_round(store: St
     _assert_same_arrays(good.arrays, _arrays(2))
     assert good.metrics == {"accuracy": 0.6} and good.meta["round"] == 2 and good.meta["model"] == META["model"]
     assert [(s.round, s.reason) for s in good.skipped] == [(3, "corrupt")]
-    assert _model_key("run-c", "large", 3) in good.skipped[0].detail and "expected sha256" in good.skipped[0].detail
+    assert _model_key("run-c", "large", 3) in good.skipped[0].detail and "expected xxh3_128" in good.skipped[0].detail
     with pytest.raises(CheckpointError, match="corrupt"):
         load_latest(store, "run-c", "large")  # the strict loader still refuses
 
@@ -223,6 +223,24 @@ def test_retention_keeps_the_last_rounds_and_the_best(store: Store) -> None:
     assert read_checkpoint(store, "run-k", "large", 3)["score"] == 0.6  # the description stays
     arrays, _ = load_round(store, "run-k", "large", 2)
     _assert_same_arrays(arrays, _arrays(2))
+
+
+def test_load_model_verifies_while_the_manifest_is_read(store: Store) -> None:
+    # Arrange: rounds 1-3 with retention keeping the last 1 and the best (round 2)
+    _write_rounds(store, "run-m", "large", [0.3, 0.9, 0.5], keep_last=1)
+    # Act / Assert: a kept round loads and equals what was written
+    _assert_same_arrays(load_model(store, "run-m", "large", 3), _arrays(3))
+    _assert_same_arrays(load_model(store, "run-m", "large", 2), _arrays(2))
+    # the manifest's reasons win over the failed download they cause
+    with pytest.raises(CheckpointError, match="pruned by retention"):
+        load_model(store, "run-m", "large", 1)
+    with pytest.raises(CheckpointError, match="round 4 .* is not complete .*latest complete round: 3"):
+        load_model(store, "run-m", "large", 4)
+    with pytest.raises(CheckpointError, match="no checkpoint for run 'run-x'"):
+        load_model(store, "run-x", "large", 1)
+    _flip_byte(store, _model_key("run-m", "large", 3))
+    with pytest.raises(CheckpointError, match="round-0003/model.npz .* is corrupt: expected xxh3_128"):
+        load_model(store, "run-m", "large", 3)
 
 
 def test_retention_off_keeps_every_model(store: Store) -> None:

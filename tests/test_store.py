@@ -18,11 +18,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+import xxhash
 
 from infra.checkpoints import (
     CheckpointError, arrays_to_npz_bytes, config_hash, load_latest, load_round,
     npz_bytes_to_arrays, read_manifest, round_metrics, round_prefix, write_round,
 )
+from infra._layout import manifest_key
 from infra.store import LocalStore, ObjectNotFound, S3Store, Store, StoreError, open_store
 from tests.s3server import free_port, running_s3_server
 from tests.tcpproxy import TcpProxy
@@ -440,6 +442,7 @@ def test_write_two_rounds_and_load_them(store: Store) -> None:
             data = store.get_bytes(key)
             assert entry["size"] == len(data)
             assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+            assert entry["xxh3_128"] == xxhash.xxh3_128(data).hexdigest()
     arrays, metrics = load_round(store, run, arm, 1)
     _assert_same_arrays(arrays, _arrays(1))
     assert metrics == {"accuracy": 0.5, "loss": 1.2}
@@ -461,7 +464,25 @@ def test_corrupt_model_is_detected(store: Store) -> None:
     with pytest.raises(CheckpointError) as info:
         load_round(store, "r", "small", 1)
     message = str(info.value)
-    assert key in message and "expected sha256" in message and "\n" not in message
+    assert key in message and "expected xxh3_128" in message and "\n" not in message
+
+
+def test_rounds_recorded_before_xxh3_are_verified_by_sha256(store: Store) -> None:
+    # Arrange: a manifest as written before xxh3-128 was recorded, then a flipped byte
+    write_round(store, "r", "small", 1, _arrays(1), {"accuracy": 0.5}, CONFIG)
+    manifest = read_manifest(store, "r", "small")
+    for entry in manifest["rounds"]["1"]["objects"].values():
+        del entry["xxh3_128"]
+    store.put_json(manifest_key("r", "small"), manifest)
+    arrays, _ = load_round(store, "r", "small", 1)  # the sha256-only entries still verify
+    _assert_same_arrays(arrays, _arrays(1))
+    key = f"{round_prefix('r', 'small', 1)}/model.npz"
+    data = bytearray(store.get_bytes(key))
+    data[len(data) // 2] ^= 0xFF
+    store.put_bytes(key, bytes(data))
+    # Act / Assert
+    with pytest.raises(CheckpointError, match="expected sha256"):
+        load_round(store, "r", "small", 1)
 
 
 def test_missing_object_and_incomplete_round_are_explained(store: Store) -> None:
