@@ -167,8 +167,11 @@ def services(settings: StackSettings) -> list[Service]:
         ),
         Service(
             "superlink",
+            # the state database keeps nodes and runs across a SuperLink crash: without it the
+            # restarted SuperLink answers the nodes' heartbeats with 401 and every SuperNode exits
             [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-             "--host", settings.host, "--port", str(settings.superlink_port)],
+             "--host", settings.host, "--port", str(settings.superlink_port),
+             "--database", str(state / "flwr" / "superlink" / "state.db")],
             settings.superlink,
             settings.superlink_port,
             {"FLWR_HOME": str(state / "flwr" / "superlink"), **_SUPEREXEC_ENV},
