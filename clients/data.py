@@ -3,7 +3,10 @@
 Every function here is deterministic for its ``seed``: the same arguments give
 byte-identical arrays in a fresh process. No torch, Flower or Prefect import.
 
-How a node gets its data (``node_data``):
+``read_csv`` and ``read_npz`` are the file readers that ``load_dataset`` and
+``clients.node_data`` (a node's own file, labels kept as they are) share.
+
+How a node gets its data from the run's dataset (``node_data``):
 
 1. ``split_central`` holds out a stratified central test set (the server's yardstick);
    the rest is the *pool*.
@@ -192,6 +195,13 @@ def _require_file(path: Path) -> None:
 
 def _load_csv(path: Path, *, label_column: str) -> Dataset:
     """Load a CSV with a header row: ``label_column`` holds labels, other columns numbers."""
+    features, labels = read_csv(path, label_column=label_column)
+    y, num_classes = _remap_labels(labels, path)
+    return Dataset(x=features.astype(np.float32), y=y, num_classes=num_classes, name=path.name)
+
+
+def read_csv(path: Path, *, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a CSV with a header row into (finite float64 features (N, F), label strings (N,)); raise ValueError."""
     _require_file(path)
     with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
@@ -227,12 +237,18 @@ def _load_csv(path: Path, *, label_column: str) -> Dataset:
                     f"(encode or drop that column)"
                 ) from None
     _require_finite(features, path)
-    y, num_classes = _remap_labels(np.asarray(labels), path)
-    return Dataset(x=features.astype(np.float32), y=y, num_classes=num_classes, name=path.name)
+    return features, np.asarray(labels)
 
 
 def _load_npz(path: Path) -> Dataset:
     """Load an .npz with arrays "x" (N, F), (N, H, W) or (N, C, H, W) and "y" (N,)."""
+    features, labels = read_npz(path)
+    y, num_classes = _remap_labels(labels, path)
+    return Dataset(x=np.ascontiguousarray(features, dtype=np.float32), y=y, num_classes=num_classes, name=path.name)
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read an .npz into (finite float64 features (N, F) or (N, C, H, W), raw labels (N,)); raise ValueError."""
     _require_file(path)
     with np.load(path, allow_pickle=False) as archive:
         missing = [key for key in ("x", "y") if key not in archive.files]
@@ -243,18 +259,19 @@ def _load_npz(path: Path) -> Dataset:
             )
         x, labels = archive["x"], archive["y"]
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise ValueError(f"dataset file {str(path)!r}: array 'x' has dtype {x.dtype}, expected numbers")
+        raise ValueError(
+            f"dataset file {str(path)!r}: array 'x' has dtype {x.dtype}, expected numbers; save numeric features"
+        )
     if x.ndim == 3:
         x = x[:, None, :, :]  # (N, H, W) grey images get a channel axis
     if x.ndim not in (2, 4) or labels.ndim != 1 or len(x) != len(labels):
         raise ValueError(
             f"dataset file {str(path)!r}: expected x (N, F), (N, H, W) or (N, C, H, W) and y (N,), "
-            f"got x {x.shape} and y {labels.shape}"
+            f"got x {x.shape} and y {labels.shape}; save one label per example"
         )
     features = x.astype(np.float64)
     _require_finite(features, path)
-    y, num_classes = _remap_labels(labels, path)
-    return Dataset(x=np.ascontiguousarray(features, dtype=np.float32), y=y, num_classes=num_classes, name=path.name)
+    return features, labels
 
 
 def _require_finite(features: np.ndarray, path: Path) -> None:
@@ -330,6 +347,13 @@ def split_central(ds: Dataset, *, test_fraction: float, seed: int) -> tuple[Data
 def central_test(ds: Dataset, *, central_test_fraction: float, seed: int) -> Dataset:
     """Return the central test set that the server evaluates every arm on."""
     return split_central(ds, test_fraction=central_test_fraction, seed=seed)[1]
+
+
+def split_local(ds: Dataset, *, local_test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split a node's own data into (local train, local test), stratified by label and seeded."""
+    _check_fraction("local_test_fraction", local_test_fraction, allow_zero=True)
+    train, test = _split_indices(ds.y, test_fraction=local_test_fraction, seed=_derive_seed(seed, _STAGE_LOCAL))
+    return ds.subset(train), ds.subset(test)
 
 
 # ---------------------------------------------------------------------- partitions
