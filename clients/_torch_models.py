@@ -3,7 +3,17 @@
 Private to ``clients``: build models through ``clients.models.build_model``.
 No BatchNorm anywhere, so Opacus DP-SGD can wrap every network. Training is
 deterministic on the CPU for a seed without touching torch's global RNG state
-(``torch.random.fork_rng``); on CUDA it runs under bfloat16 autocast.
+(``torch.random.fork_rng``).
+
+Precision (``training_precision``): the CPU trains in float32, unchanged, so a resumed
+arm replays a round to the same bytes. CUDA trains under autocast — bfloat16 where the
+GPU has it natively (compute capability 8.0+), else float16 with a GradScaler — with
+float32 weights, gradients and optimizer state, TF32 allowed, ``cudnn.benchmark`` off
+(batch shapes vary and every round is a fresh process that would autotune again).
+DP-SGD (any ``wrap``) trains in strict float32 (no TF32) on CUDA too: under autocast
+Opacus 1.6 would compute the per-sample norms it clips in bfloat16 (3 significant
+digits), so a clipped gradient could exceed the ``max_grad_norm`` the accountant takes
+as exact, and a GradScaler's loss scale would multiply the gradients Opacus clips.
 """
 
 from __future__ import annotations
@@ -131,11 +141,38 @@ def seeded(seed: int, device: str) -> Iterator[None]:
         yield
 
 
-def autocast(device: str) -> contextlib.AbstractContextManager:
-    """Return bfloat16 autocast on CUDA and a no-op on the CPU (plain float32)."""
-    if device.startswith("cuda"):
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+PRECISIONS = ("fp32", "bf16", "fp16")  # float32; bfloat16 or float16 autocast (fp16 with a GradScaler)
+
+
+def training_precision(device: str, *, private: bool) -> str:
+    """Return the precision training on ``device`` uses: fp32 on the CPU and under DP-SGD, else bf16 or fp16."""
+    if private or not device.startswith("cuda"):
+        return "fp32"
+    with torch.cuda.device(device):  # native bfloat16 only: emulated bf16 on older GPUs is slower than fp16
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """Return autocast to ``precision`` on CUDA, or a no-op for fp32 (always so on the CPU)."""
+    if precision == "fp32" or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@contextlib.contextmanager
+def cuda_numerics(device: str, precision: str) -> Iterator[None]:
+    """Set TF32 (off for fp32 = DP-SGD, on under autocast) and cudnn.benchmark (off) on CUDA; restore them after."""
+    if not device.startswith("cuda"):
+        yield  # the CPU's settings are left exactly as they are
+        return
+    matmul, conv, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn
+    saved = matmul.fp32_precision, conv.fp32_precision, cudnn.benchmark
+    tf32 = "ieee" if precision == "fp32" else "tf32"
+    matmul.fp32_precision, conv.fp32_precision, cudnn.benchmark = tf32, tf32, False
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision, cudnn.benchmark = saved
 
 
 def make_loader(data: Dataset, *, batch_size: int, seed: int | None, device: str) -> DataLoader:
@@ -163,10 +200,12 @@ def make_optimizer(module: nn.Module, *, learning_rate: float, name: str = "adam
 
 def train_epochs(
     module: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, epochs: int, device: str,
-    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy, precision: str = "fp32",
 ) -> float:
-    """Train for ``epochs`` passes over ``loader``; return the mean loss of the last pass."""
+    """Train for ``epochs`` passes over ``loader`` in ``precision``; return the mean loss of the last pass."""
     module.train()
+    # fp16's narrow range needs loss scaling; bf16 has float32's range and fp32 needs nothing
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     mean_loss = float("nan")
     for _ in range(epochs):
         loss_sum, seen = 0.0, 0
@@ -175,11 +214,16 @@ def train_epochs(
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            with autocast(device):
+            with autocast(device, precision):
                 logits = module(x)
             loss = criterion(logits.float(), y)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
+                scaler.update()
             loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
         mean_loss = loss_sum / max(seen, 1)
@@ -188,12 +232,13 @@ def train_epochs(
 
 @torch.inference_mode()
 def predict_logits(module: nn.Module, x: np.ndarray, *, batch_size: int, device: str) -> np.ndarray:
-    """Return float32 logits of ``module`` for every row of ``x`` (eval mode)."""
+    """Return float32 logits of ``module`` for every row of ``x`` (eval mode, autocast on CUDA)."""
+    precision = training_precision(device, private=False)  # no gradients: DP's float32 reason does not apply
     module.eval()
     chunks = []
     for start in range(0, len(x), batch_size):
         batch = torch.from_numpy(x[start : start + batch_size]).to(device)
-        with autocast(device):
+        with autocast(device, precision):
             chunks.append(module(batch).float().cpu())
     return torch.cat(chunks).numpy()
 
@@ -211,6 +256,9 @@ class TorchModel:
         self.num_classes = num_classes
         self.device = device
         self.dp_fixes: list[str] = []  # layers replaced so that Opacus can train the network
+        # fp32, bf16 or fp16: what the last fit trained in (any ``wrap`` counts as DP-SGD: fp32); before
+        # the first fit, what a fit without ``wrap`` will use
+        self.precision = training_precision(device, private=False)
 
     def get_arrays(self) -> dict[str, np.ndarray]:
         """Return the state dict as ordered numpy copies."""
@@ -237,7 +285,8 @@ class TorchModel:
                        optimizer=optimizer)
         check_data(self.name, train, input_shape=self.input_shape, num_classes=self.num_classes, purpose="fit")
         wall, cpu = time.perf_counter(), time.process_time()
-        with seeded(seed, self.device):
+        self.precision = training_precision(self.device, private=wrap is not None)
+        with seeded(seed, self.device), cuda_numerics(self.device, self.precision):
             module: nn.Module = self.network
             step = make_optimizer(module, learning_rate=learning_rate, name=optimizer)
             loader = make_loader(train, batch_size=batch_size, seed=seed, device=self.device)
@@ -246,7 +295,7 @@ class TorchModel:
                 module, step, loader, criterion = wrap(module, step, loader)
             try:
                 train_loss = train_epochs(module, loader, step, epochs=epochs, device=self.device,
-                                          criterion=criterion)
+                                          criterion=criterion, precision=self.precision)
             finally:
                 if module is not self.network and hasattr(module, "_close"):
                     module._close()  # Opacus's wrapper: remove its hooks and per-sample gradients

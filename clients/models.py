@@ -104,6 +104,37 @@ def build_model(
                              private=private)
 
 
+def estimate_training_memory_bytes(
+    model_name: str, *, input_shape: tuple[int, ...], num_classes: int, batch_size: int, private: bool,
+    optimizer: str = "adam", grad_sample_mode: str = "ghost",
+) -> int:
+    """Estimate the bytes of tensors that training torch model ``model_name`` on one batch holds at its peak.
+
+    Parameters, gradients, optimizer state, the activations saved for backward, the
+    backward workspace and, with ``private``, DP-SGD's per-sample terms for Opacus's
+    ``grad_sample_mode`` (fedcompare trains with "ghost"); float32, so an upper bound under
+    autocast; a CUDA context and allocator slack come on top. Formula: ``clients/_memory.py``.
+    Raises ValueError for a model that is not a torch model or an unknown optimizer or mode.
+    """
+    if model_name not in TORCH_MODELS:
+        raise ValueError(
+            f"no memory estimate for model {model_name!r}: expected a torch model ({', '.join(TORCH_MODELS)}); "
+            f"the scikit-learn 'logreg' runs on the CPU only"
+        )
+    if optimizer not in OPTIMIZERS or grad_sample_mode not in ("ghost", "hooks", "functorch", "ew") or batch_size < 1:
+        raise ValueError(
+            f"model {model_name!r}: expected optimizer in {', '.join(OPTIMIZERS)}, grad_sample_mode ghost, hooks, "
+            f"functorch or ew and batch_size >= 1, got {optimizer!r}, {grad_sample_mode!r}, {batch_size}"
+        )
+    from clients._memory import training_memory_breakdown  # imports torch
+
+    parts = training_memory_breakdown(
+        model_name, input_shape=tuple(int(d) for d in input_shape), num_classes=num_classes, batch_size=batch_size,
+        private=private, optimizer=optimizer, grad_sample_mode=grad_sample_mode,
+    )
+    return sum(parts.values())
+
+
 def resolve_large_model(name: str, kind: str) -> str:
     """Return the large model for a dataset kind: "auto" means "cnn" for images, "mlp" for tabular."""
     if kind not in ("image", "tabular"):
