@@ -20,7 +20,8 @@ from prefect.runtime import flow_run
 
 from clients.centralized import train_centralized
 from clients.data import load_dataset
-from clients.models import resolve_large_model
+from clients.models import TORCH_MODELS, estimate_training_memory_bytes, resolve_large_model
+from flows.assignment import assign_nodes, node_table
 from flows.config import BUILTIN_DATASETS, CompareConfig, resolve_store_uri, resolve_superlink
 from flows.flower import FlowerError, run_log, run_status, stop_run, submit_run
 from flows.plots import data_uri, report_plots
@@ -174,25 +175,6 @@ def discover_nodes(config: CompareConfig, run_key: str, store_uri: str, superlin
     if not answer["nodes"]:
         raise RuntimeError(f"no SuperNode answered at {superlink}: start nodes with `fedcompare up`")
     return answer
-
-
-def assign_nodes(nodes: list[dict[str, Any]], assignment: str) -> dict[str, list[int]]:
-    """Give each arm its nodes: by tier (large on gpu, small on cpu) or every node to both."""
-    if assignment == "all-nodes":
-        every = [n["node_id"] for n in nodes]
-        return {"large": every, "small": every}
-    chosen = {
-        "large": [n["node_id"] for n in nodes if n["tier"] == "gpu"],
-        "small": [n["node_id"] for n in nodes if n["tier"] == "cpu"],
-    }
-    for arm, tier in (("large", "gpu"), ("small", "cpu")):
-        if not chosen[arm]:
-            raise ValueError(
-                f"assignment 'by-tier' needs at least one node of tier {tier!r} for the {arm} arm, "
-                f"but the nodes have tiers {sorted({n['tier'] for n in nodes})}: start such a node "
-                "or use assignment 'all-nodes'"
-            )
-    return chosen
 
 
 def check_privacy(config: CompareConfig, variants: list[Variant], nodes: list[dict[str, Any]],
@@ -378,6 +360,41 @@ def publish_report(config: CompareConfig, run_key: str, store_uri: str, federati
     return report
 
 
+def _large_need_bytes(config: CompareConfig, models: dict[str, str]) -> int:
+    """Estimate the tensor bytes one training step of the large arm holds (0: no estimate needed or possible)."""
+    if config.assignment != "by-tier" or models["large"] not in TORCH_MODELS:
+        return 0
+    dataset = load_dataset(config.data.dataset, label_column=config.data.label_column)
+    return estimate_training_memory_bytes(
+        models["large"], input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+        batch_size=config.large.batch_size, private=config.privacy.mode == "sample-level",
+        optimizer=config.large.optimizer,
+    )
+
+
+def _references(config: CompareConfig, models: dict[str, str], nodes: list[dict[str, Any]],
+                assignment: dict[str, list[int]], variants: list[Variant]) -> dict[str, dict[str, Any]]:
+    """Train every arm's central reference on its nodes' pooled partitions; none when nodes hold their own data."""
+    if any(n.get("data-source") == "node-file" for n in nodes):
+        get_run_logger().info("no central references: nodes hold their own data files, which never leave them")
+        return {}
+    partitions = {n["node_id"]: n["partition-id"] for n in nodes}
+    num_partitions = nodes[0]["num-partitions"]
+
+    def reference(name: str, kind: str, epsilon: float | None) -> dict[str, Any]:
+        return train_reference(name, models[kind], sorted(partitions[n] for n in assignment[kind]), num_partitions,
+                               config, kind=kind, epsilon=epsilon)
+
+    plain = {kind: reference(kind, kind, None) for kind in ARMS}
+    # a private arm's reference is DP-SGD at the same ε on the pooled data; client-level DP and the
+    # scikit-learn model have no central DP-SGD counterpart, so theirs is the reference without DP
+    return {
+        v.name: reference(v.name, v.kind, v.epsilon)
+        if v.epsilon is not None and config.privacy.mode == "sample-level" else plain[v.kind]
+        for v in variants
+    }
+
+
 @flow(name="federated-compare", log_prints=True)
 def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]:
     """Train a large and a small model federatedly, with centralized references, and report both."""
@@ -389,8 +406,14 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
 
     models = resolve_models(config)
     federation = discover_nodes(config, run_key, store_uri, superlink)
-    assignment = assign_nodes(federation["nodes"], config.assignment)
+    placed = assign_nodes(federation["nodes"], config.assignment, large_need_bytes=_large_need_bytes(config, models),
+                          small_on_gpu_nodes=config.small_on_gpu_nodes)
+    assignment = placed.nodes
     logger.info("assignment (%s): %s", config.assignment, assignment)
+    for node_id, reason in placed.left_out.items():
+        logger.warning("node %s does not train the large arm: %s", node_id, reason)
+    create_table_artifact(node_table(federation["nodes"], placed), key="federation-nodes",
+                          description=f"The nodes that answered and the arms each trains ({config.assignment})")
     groups = plan_variants(config)
     variants = [v for group in groups for v in group]
     for arm, plan in check_privacy(config, variants, federation["nodes"], assignment).items():
@@ -404,20 +427,6 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
                                            superlink, kind=v.kind, epsilon=v.epsilon) for v in group}
         arms.update({v.name: {**futures[v.name].result(), "kind": v.kind} for v in group})
 
-    partitions = {n["node_id"]: n["partition-id"] for n in federation["nodes"]}
-    num_partitions = federation["nodes"][0]["num-partitions"]
-
-    def reference(name: str, kind: str, epsilon: float | None) -> dict[str, Any]:
-        return train_reference(name, models[kind], sorted(partitions[n] for n in assignment[kind]), num_partitions,
-                               config, kind=kind, epsilon=epsilon)
-
-    plain = {kind: reference(kind, kind, None) for kind in ARMS}
-    # a private arm's reference is DP-SGD at the same ε on the pooled data; client-level DP and the
-    # scikit-learn model have no central DP-SGD counterpart, so theirs is the reference without DP
-    references = {
-        v.name: reference(v.name, v.kind, v.epsilon)
-        if v.epsilon is not None and config.privacy.mode == "sample-level" else plain[v.kind]
-        for v in variants
-    }
+    references = _references(config, models, federation["nodes"], assignment, variants)
     report = publish_report(config, run_key, store_uri, federation, assignment, arms, references)
     return {"run_key": run_key, "summary": summary_rows(report)}

@@ -146,6 +146,8 @@ class CompareConfig(_Strict):
     # all-nodes: both arms train on every node (same data: a like-for-like comparison);
     # by-tier: large on gpu-tier nodes, small on cpu-tier nodes (each arm sees only its nodes' data)
     assignment: Literal["all-nodes", "by-tier"] = "all-nodes"
+    # by-tier only: gpu-tier nodes train the small model too (they still train the large one)
+    small_on_gpu_nodes: bool = False
     # seed of partitioning, initialisation, sampling and shuffling
     seed: int = Field(0, ge=0, le=2**31 - 1)
     # central-test accuracy an arm must reach to count as good enough

@@ -4,7 +4,8 @@ import pytest
 from pydantic import ValidationError
 
 from clients.run_config import ArmRunConfig
-from flows.compare import _run_config, assign_nodes
+from flows.assignment import assign_nodes, memory_fit, node_table
+from flows.compare import _run_config
 from flows.config import CompareConfig, resolve_store_uri, resolve_superlink
 
 
@@ -104,10 +105,41 @@ def test_run_config_with_unknown_key_fails_loudly():
 def test_by_tier_assignment_splits_nodes_and_explains_a_missing_tier():
     nodes = [{"node_id": 1, "tier": "gpu"}, {"node_id": 2, "tier": "cpu"}, {"node_id": 3, "tier": "gpu"}]
 
-    assert assign_nodes(nodes, "by-tier") == {"large": [1, 3], "small": [2]}
-    assert assign_nodes(nodes, "all-nodes") == {"large": [1, 2, 3], "small": [1, 2, 3]}
+    assert assign_nodes(nodes, "by-tier").nodes == {"large": [1, 3], "small": [2]}
+    assert assign_nodes(nodes, "by-tier", small_on_gpu_nodes=True).nodes == {"large": [1, 3], "small": [1, 2, 3]}
+    assert assign_nodes(nodes, "all-nodes").nodes == {"large": [1, 2, 3], "small": [1, 2, 3]}
     with pytest.raises(ValueError, match="at least one node of tier 'cpu'.*all-nodes"):
         assign_nodes([n for n in nodes if n["tier"] == "gpu"], "by-tier")
+
+
+def _node(node_id: int, tier: str, **facts) -> dict:
+    """Return a node's query answer as the federation JSON holds it."""
+    return {"node_id": node_id, "tier": tier, "device": "cpu", "partition-id": node_id, "num-partitions": 4,
+            "num-train": 100, "num-test": 20, "classes-seen": 10, **facts}
+
+
+def test_by_tier_puts_the_large_model_only_on_nodes_whose_memory_holds_it():
+    # Arrange: a 16 GB GPU, a 2 GB GPU, a CPU-only gpu-tier node with 64 GB free, a cpu node
+    nodes = [
+        _node(1, "gpu", device="cuda", **{"gpu-name": "A", "gpu-memory-mb": 16_000.0, "memory-mb": 500.0}),
+        _node(2, "gpu", device="cuda", **{"gpu-name": "T4-small", "gpu-memory-mb": 2_000.0}),
+        _node(3, "gpu", **{"memory-mb": 64_000.0}),
+        _node(4, "cpu", **{"memory-mb": 1_000.0}),
+    ]
+    need = 3 * 2**30  # 3 GiB of tensors
+    # Act
+    placed = assign_nodes(nodes, "by-tier", large_need_bytes=need)
+    # Assert: judged by GPU memory on CUDA (node 1 fits although its host memory is small), host memory otherwise
+    assert placed.nodes == {"large": [1, 3], "small": [4]}
+    assert list(placed.left_out) == [2] and "T4-small memory is 2000 MB" in placed.left_out[2]
+    assert memory_fit(nodes[2], need) == "" and "host memory" in memory_fit(nodes[3], need)
+    assert memory_fit({"node_id": 9, "tier": "gpu", "device": "cpu"}, need) == "", "no memory reported: trusted"
+    with pytest.raises(ValueError, match="no gpu-tier node can hold the large model.*lower large.batch_size"):
+        assign_nodes(nodes[1:2] + nodes[3:], "by-tier", large_need_bytes=need)
+    rows = node_table(nodes, placed)
+    assert [r["arms"] for r in rows] == ["large", "none", "large", "small"]
+    assert rows[1]["note"] == placed.left_out[2] and rows[0]["device"] == "cuda (A, 16000 MB)"
+    assert rows[3]["data"] == "partition 4 of 4"
 
 
 def test_overrides_are_validated_into_one_line_naming_the_fields():
