@@ -205,7 +205,13 @@ def test_a_killed_node_is_left_out_and_rejoins_after_a_restart(stack, s3):
     assert not any(d["round"] == 4 for d in large["dropped"]), large["dropped"]
 
 
-def test_s3_outage_of_a_few_seconds_is_ridden_out_and_a_corrupt_round_is_retrained(stack, s3):
+@pytest.fixture(scope="module")
+def outage_run(stack, s3) -> tuple[str, dict, str, str]:
+    """Run 3 rounds while the store goes away for a while mid-run; return run key, config, output, final sha256.
+
+    An outage the clients ride out changes no byte of training, so this run's final large
+    model is also the uninterrupted reference of the SuperLink test.
+    """
     config = {**BASE, "rounds": 3}
     store = _store(s3)
     demo, run_id = _start_demo(stack, s3, config)
@@ -218,12 +224,18 @@ def test_s3_outage_of_a_few_seconds_is_ridden_out_and_a_corrupt_round_is_retrain
     finally:
         s3.start()
         demo.kill()
-
     assert demo.returncode == 0, output[-3000:]
+    manifest = read_manifest(store, run_id, "large")
+    final = manifest["rounds"][str(manifest["latest_complete_round"])]["objects"]
+    return run_id, config, output, final[f"runs/{run_id}/large/round-0003/model.npz"]["sha256"]
+
+
+def test_s3_outage_of_a_few_seconds_is_ridden_out_and_a_corrupt_round_is_retrained(stack, s3, outage_run):
+    run_id, config, _, original = outage_run
+    store = _store(s3)
     manifest = read_manifest(store, run_id, "large")
     assert manifest["latest_complete_round"] == 3
     model_key = f"runs/{run_id}/large/round-0003/model.npz"
-    original = manifest["rounds"]["3"]["objects"][model_key]["sha256"]
 
     # flip one byte of the final model: the resumed run must detect it and retrain round 3
     data = bytearray(store.get_bytes(model_key))
@@ -236,6 +248,31 @@ def test_s3_outage_of_a_few_seconds_is_ridden_out_and_a_corrupt_round_is_retrain
     assert manifest["latest_complete_round"] == 3
     assert manifest["rounds"]["3"]["objects"][model_key]["sha256"] == original, "retraining gave the same model"
     assert any(d["round"] == 3 and "corrupt" in d["reason"] for d in manifest["discarded"]), manifest["discarded"]
+
+
+def test_a_killed_superlink_comes_back_and_the_retry_resumes_to_the_same_model(stack, s3, outage_run):
+    _, config, _, uninterrupted = outage_run
+    store = _store(s3)
+    demo, run_id = _start_demo(stack, s3, config)
+    try:
+        _wait_for_round(store, run_id, "large", 1)
+        # kill -9 the SuperLink's whole process group: the SuperLink, its SuperExec and the arms' ServerApps
+        os.killpg(int((stack / "pids" / "superlink.pid").read_text()), signal.SIGKILL)
+        time.sleep(2)
+        restarted = _cli(stack, s3, "up")  # what a supervisor does; the SuperLink's database keeps its nodes
+        assert restarted.returncode == 0, restarted.stderr
+        output = _finish(demo)
+    finally:
+        demo.kill()
+
+    assert demo.returncode == 0, output[-3000:]
+    report = store.get_json(report_key(run_id))
+    assert report["arms"]["small"]["rounds"] == 3 and report["arms"]["large"]["rounds"] == 3, "both arms completed"
+    resumed = [r["round"] for r in report["arms"]["large"]["per_round"] if r["resumed_after_round"]]
+    assert resumed and resumed[0] >= 2, "the report marks the rounds run after the resume"
+    manifest = read_manifest(store, run_id, "large")
+    final = manifest["rounds"]["3"]["objects"][f"runs/{run_id}/large/round-0003/model.npz"]["sha256"]
+    assert final == uninterrupted, "the resumed final model differs from the uninterrupted one"
 
 
 def test_a_store_that_stays_away_fails_the_arm_naming_the_endpoint(stack, s3):
