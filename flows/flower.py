@@ -1,9 +1,15 @@
-"""Submit, follow and stop Flower runs through the `flwr` CLI (the only way Flower 1.41 offers)."""
+"""Submit, follow and stop Flower runs through the `flwr` CLI (the only way Flower 1.41 offers).
+
+The connection is TLS when $FEDCOMPARE_SUPERLINK_ROOT_CERTIFICATES names the SuperLink's CA
+certificate (the ca.crt of `fedcompare certs create`), plain otherwise (the local stack).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -15,6 +21,8 @@ import tomli_w
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedcompare"
+# the CA certificate (ca.crt of `fedcompare certs create`) of a SuperLink that serves TLS; unset: plain connection
+ROOT_CERTIFICATES_ENV = "FEDCOMPARE_SUPERLINK_ROOT_CERTIFICATES"
 _CLI_TIMEOUT_S = 120.0
 
 
@@ -50,10 +58,32 @@ def _flwr_binary() -> str:
     return str(candidate) if candidate.exists() else "flwr"
 
 
+def connection(superlink: str) -> dict[str, Any]:
+    """Return the `flwr` connection to `superlink`: TLS trusting $FEDCOMPARE_SUPERLINK_ROOT_CERTIFICATES, else plain.
+
+    Raises: FlowerError if the variable names no readable PEM file.
+    """
+    value = os.environ.get(ROOT_CERTIFICATES_ENV, "").strip()
+    if not value:
+        return {"address": superlink, "insecure": True}
+    path = Path(value).expanduser().resolve()
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise FlowerError(f"{ROOT_CERTIFICATES_ENV}={value}: expected the SuperLink's CA certificate file, got "
+                          f"{exc.strerror.lower()}: copy ca.crt from `fedcompare certs create` there, or unset "
+                          "the variable for a SuperLink without TLS") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise FlowerError(f"{ROOT_CERTIFICATES_ENV}={value}: expected a PEM certificate (-----BEGIN CERTIFICATE-----), "
+                          "got another file: point it at the ca.crt that `fedcompare certs create` wrote")
+    return {"address": superlink, "root-certificates": str(path)}
+
+
 def _flwr(args: list[str], superlink: str, timeout: float) -> subprocess.CompletedProcess[str]:
     """Run `flwr <args>` with a throw-away Flower home whose one connection is `superlink`."""
+    target = connection(superlink)
     with tempfile.TemporaryDirectory(prefix="fedcompare-flwr-") as home:
-        config = {"superlink": {"default": CONNECTION, CONNECTION: {"address": superlink, "insecure": True}}}
+        config = {"superlink": {"default": CONNECTION, CONNECTION: target}}
         Path(home, "config.toml").write_text(tomli_w.dumps(config))
         env = {**os.environ, "FLWR_HOME": home, "COLUMNS": "200", "NO_COLOR": "1"}
         try:
@@ -78,12 +108,41 @@ def _call(args: list[str], superlink: str, *, timeout: float = _CLI_TIMEOUT_S) -
         message = str(answer.get("error-message", "")).strip().splitlines()
         reason = message[-1] if message else f"exit code {done.returncode}"
         if "connect" in reason.lower() or "unavailable" in reason.lower():
-            raise FlowerError(
+            raise FlowerError(_tls_problem(superlink) or (
                 f"cannot reach the Flower SuperLink at {superlink} ({reason}): "
                 "start the local stack with `fedcompare up` or set `superlink` to a running SuperLink"
-            )
+            ))
         raise FlowerError(f"`flwr {args[0]}` against {superlink} failed: {reason}")
     return answer
+
+
+def _tls_problem(superlink: str) -> str:
+    """Return why TLS keeps `flwr` from `superlink` (one line with the fix), or '' if TLS is not the problem."""
+    host, _, port = superlink.rpartition(":")
+    host = host.strip("[]")
+    ca = connection(superlink).get("root-certificates")
+    context = ssl.create_default_context(cafile=ca)
+    if ca is None:  # a plain connection: only ask whether the server speaks TLS
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            with context.wrap_socket(sock, server_hostname=host):
+                pass
+    except ssl.SSLCertVerificationError as exc:
+        return (f"TLS to the SuperLink at {superlink} failed ({exc.verify_message}): "
+                f"{ROOT_CERTIFICATES_ENV}={ca} must be the ca.crt that signed its certificate, and that "
+                f"certificate must name {host} (`fedcompare certs create --server-ip/--server-name {host}`)")
+    except ssl.SSLError as exc:
+        if ca is None:
+            return ""
+        return (f"TLS to the SuperLink at {superlink} failed ({exc.reason or exc}): it may run without TLS "
+                f"(--insecure); start it with `fedcompare superlink start --tls-dir`, or unset {ROOT_CERTIFICATES_ENV}")
+    except (OSError, ValueError):
+        return ""  # unreachable: the caller's message says so
+    if ca is None:
+        return (f"the SuperLink at {superlink} serves TLS but no CA is set: set {ROOT_CERTIFICATES_ENV} to "
+                "its ca.crt (from `fedcompare certs create`)")
+    return ""
 
 
 def submit_run(run_config: dict[str, Any], superlink: str) -> int:

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from infra.cli_federation import register as register_federation
 from infra.stack import DEPLOYMENT, StackError, StackSettings, down, status, up
 
 _DEFAULT_STATE = ".fedcompare"
@@ -182,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--csv", metavar="FILE", help="write the per-arm, per-round table as CSV")
     sub.add_argument("--html", metavar="FILE", help="write a self-contained HTML page with the plots")
     sub.set_defaults(func=_cmd_report)
+    register_federation(commands)  # superlink start, node start, certs create: deployments across machines
     return parser
 
 
