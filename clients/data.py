@@ -211,7 +211,8 @@ def read_csv(path: Path, *, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     if label_column not in header:
         raise ValueError(
             f"dataset file {str(path)!r} has no label column {label_column!r} (columns: "
-            f"{', '.join(header)}); set label_column to the column that holds the labels"
+            f"{', '.join(header)}); name the column that holds the labels (data.label_column in the config, "
+            "--label-column for `fedcompare node start`)"
         )
     label_at = header.index(label_column)
     feature_names = [name for i, name in enumerate(header) if i != label_at]

@@ -201,7 +201,7 @@ def test_csv_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match=r"missing\.csv.*does not exist"):
         load_dataset(str(tmp_path / "missing.csv"))
-    with pytest.raises(ValueError, match=r"node\.csv.*no label column 'label'.*columns: a, b.*set label_column"):
+    with pytest.raises(ValueError, match=r"node\.csv.*no label column 'label'.*columns: a, b.*data\.label_column"):
         load_dataset(str(path))
     with pytest.raises(ValueError, match=r"node\.csv.*column 'b' holds 'x', expected a number"):
         load_dataset(str(path), label_column="a")

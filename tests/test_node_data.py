@@ -146,7 +146,8 @@ def test_csv_content_errors(tmp_path: Path) -> None:
     (tmp_path / "neg.csv").write_text("label,a\n1,2\n-1,4\n")
     (tmp_path / "names.csv").write_text("label,a\ncat,2\ndog,4\n")
 
-    one_line_error(tmp_path / "nolabel.csv", r"no label column 'label' \(columns: a, b\).*set label_column")
+    one_line_error(tmp_path / "nolabel.csv",
+                   r"no label column 'label' \(columns: a, b\).*--label-column for `fedcompare node start`")
     one_line_error(tmp_path / "text.csv", r"line 3 column 'b' holds 'x', expected a number")
     one_line_error(tmp_path / "nan.csv", r"missing or infinite.*impute or drop")
     one_line_error(tmp_path / "ragged.csv", r"line 3 has 3 fields, expected 2.*fix the row")
