@@ -18,7 +18,6 @@ from infra import certs
 from infra import federation as fed
 from infra._foreground import run_foreground as _run_foreground
 from infra.federation import FederationError
-from infra.stack import StackError
 
 _DEFAULT_STATE = ".fedcompare"
 
@@ -281,21 +280,3 @@ def _cmd_node_unregister(args: argparse.Namespace) -> int:
     fed.unregister_node(args.superlink, certs.check_root_certificates(args.root_certificates), args.node_id)
     print(f"unregistered Flower node {args.node_id}: the SuperLink refuses its key from now on")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run these subcommands alone (`python -m infra.cli_federation …`); user errors print one line, exit 1."""
-    parser = argparse.ArgumentParser(prog="fedcompare", description="Run the parts of a real fedcompare deployment.")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except StackError as exc:
-        print(f"fedcompare: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
