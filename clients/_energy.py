@@ -14,25 +14,29 @@ What codecarbon 3.3.2 does here (``tracking_mode="process"``, offline, no output
 - GPU: the NVIDIA driver's (NVML) board energy counter of the tracked GPUs; whole boards,
   so every process using a GPU shares its reading.
 
-Starting a tracker in a fresh process costs about 1.4 s of wall time: codecarbon reads
-the CPU model with py-cpuinfo, which runs a child Python process that sleeps for a
-second to time the CPU clock (and busy-waits on it meanwhile), and loads its CPU table
-with pandas. No codecarbon option skips this (even the RAPL path reads the CPU model),
-and its cache lives only in the process, while Flower starts a fresh ClientApp process
-for every message. So ``EnergyMeter()`` starts that set-up in a background thread, for
-the caller to load data and build its model meanwhile; ``measure`` waits for what is left.
-On a busy 2-core host that still left a message 0.6-1.1 s slower (the busy-waiting child
-takes a core from the data loading). codecarbon takes its closing reading only when 50 ms
-passed since its opening one, so a block shorter than that reads almost no CPU energy.
+codecarbon reads the CPU model (the only field it uses) with py-cpuinfo, whose
+``get_cpu_info`` runs a child Python process that busy-waits a whole second on a core to
+time the CPU clock. No codecarbon option skips it (even the RAPL path reads the model) and
+its cache lives only in the process, while Flower starts a fresh ClientApp process for
+every message: 1.4 s of wall and 1.3 s of CPU per message. On Linux, py-cpuinfo takes the
+model from /proc/cpuinfo before any other source, so ``_cpu_model_from_proc`` asks
+py-cpuinfo's own /proc/cpuinfo parser alone and hands codecarbon the same ``brand_raw``;
+elsewhere, or where /proc/cpuinfo names no model (some ARM kernels), py-cpuinfo runs whole.
+The rest of the set-up (codecarbon's CPU table with pandas, about 0.4 s) runs in a
+background thread, for the caller to load data and build its model meanwhile; ``measure``
+waits for what is left. codecarbon takes its closing reading only when 50 ms passed since
+its opening one, so a block shorter than that reads almost no CPU energy.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -77,6 +81,30 @@ class Energy:
                 f"{phase}-gpu-kwh": self.gpu_kwh, "energy-cpu-method": float(self.cpu_method)}
 
 
+def _cpu_model_from_proc(full_probe: Callable[[], dict]) -> dict:
+    """Return py-cpuinfo's answer from /proc/cpuinfo alone when it names the CPU model, else ``full_probe()``."""
+    import cpuinfo
+
+    if sys.platform.startswith("linux"):
+        try:
+            info = cpuinfo.cpuinfo._get_cpu_info_from_proc_cpuinfo()  # pinned py-cpuinfo 9.0.0, Linux's first source
+        except Exception:  # noqa: BLE001 - a py-cpuinfo without it, or an unreadable /proc: probe in full
+            info = {}
+        if info.get("brand_raw"):
+            return info
+    return full_probe()
+
+
+def _use_proc_cpuinfo() -> None:
+    """Make py-cpuinfo's ``get_cpu_info`` (what codecarbon calls) skip its 1 s clock-timing child where it can."""
+    import cpuinfo
+
+    full_probe = cpuinfo.get_cpu_info
+    if getattr(full_probe, "__wrapped__", None) is None:
+        fast = functools.wraps(full_probe)(lambda: _cpu_model_from_proc(full_probe))
+        cpuinfo.get_cpu_info = fast
+
+
 class EnergyMeter:
     """Measure blocks of work in this process with codecarbon's offline tracker, per process.
 
@@ -89,6 +117,7 @@ class EnergyMeter:
         """Create the tracker and start codecarbon's hardware detection in a background thread."""
         from codecarbon import OfflineEmissionsTracker
 
+        _use_proc_cpuinfo()
         level = os.environ.get("CODECARBON_LOG_LEVEL", "error")  # quiet unless asked (the import set INFO)
         logging.getLogger("codecarbon").setLevel(level.upper())  # before creating: the tracker logs at once
         self._tracker = OfflineEmissionsTracker(

@@ -105,3 +105,31 @@ def test_a_train_reply_carries_the_measured_energy(monkeypatch):
     assert metrics["train-kwh"] > 0 and metrics["train-cpu-kwh"] > 0 and metrics["train-gpu-kwh"] == 0.0
     assert metrics["train-kwh"] == pytest.approx(metrics["train-cpu-kwh"] + metrics["train-ram-kwh"])
     assert metrics["energy-cpu-method"] in CPU_METHODS.values()
+
+
+def test_the_cpu_model_comes_from_proc_cpuinfo_without_the_clock_timing_child():
+    script = ("import resource, cpuinfo; from clients._energy import EnergyMeter; m = EnergyMeter(device='cpu'); "
+              "m.wait_ready(); c = resource.getrusage(resource.RUSAGE_CHILDREN); "
+              "print(m._tracker._conf['cpu_model']); print(c.ru_utime + c.ru_stime)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    model, child_cpu = done.stdout.split("\n")[:2]
+    full = subprocess.run([sys.executable, "-c", "import cpuinfo; print(cpuinfo.get_cpu_info()['brand_raw'])"],
+                          capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    assert model == full.stdout.strip() != "", "codecarbon must see the model py-cpuinfo's full probe finds"
+    if sys.platform.startswith("linux") and "model name" in Path("/proc/cpuinfo").read_text():
+        assert float(child_cpu) < 0.5, "py-cpuinfo's clock-timing child busy-waits about 1 s of CPU"
+
+
+def test_without_a_model_in_proc_cpuinfo_the_full_probe_runs(monkeypatch):
+    import cpuinfo
+
+    from clients._energy import _cpu_model_from_proc
+
+    monkeypatch.setattr(cpuinfo.cpuinfo, "_get_cpu_info_from_proc_cpuinfo", lambda: {})  # an ARM kernel's answer
+    probed = []
+
+    answer = _cpu_model_from_proc(lambda: probed.append(1) or {"brand_raw": "probed"})
+
+    assert answer == {"brand_raw": "probed"} and probed == [1]
