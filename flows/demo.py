@@ -26,7 +26,8 @@ async def follow_flow_run(
 
     flow_run = await run_deployment(deployment, parameters=parameters, timeout=0)
     console.print(f"flow run: {settings.prefect_ui}/runs/flow-run/{flow_run.id}", soft_wrap=True)
-    store = open_store(os.environ["FEDCOMPARE_STORE"])
+    # the progress line only glances at the store: an outage must not hold up noticing the run's end
+    store = open_store(os.environ["FEDCOMPARE_STORE"], retry_seconds=0)
     run_key = parameters.get("config", {}).get("resume_from") or str(flow_run.id)  # where the store keeps it
     deadline = time.monotonic() + timeout_s
     state, message = "SCHEDULED", ""

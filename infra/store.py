@@ -156,7 +156,7 @@ def _env(*names: str) -> str | None:
     return next((os.environ[n] for n in names if os.environ.get(n)), None)
 
 
-def _s3_from_env(bucket: str, prefix: str) -> S3Store:
+def _s3_from_env(bucket: str, prefix: str, retry_seconds: float | None = None) -> S3Store:
     """Build an S3Store for ``bucket``/``prefix`` from the FEDCOMPARE_S3_* environment."""
     raw = _env("FEDCOMPARE_S3_ENDPOINT")
     if raw is None:
@@ -186,7 +186,8 @@ def _s3_from_env(bucket: str, prefix: str) -> S3Store:
         raise StoreError(f"S3 credentials come in pairs, but {missing} is unset: set it too")
     return S3Store(
         parts.netloc, bucket, prefix, access_key=access, secret_key=secret,
-        secure=secure, region=_env("FEDCOMPARE_S3_REGION"), retry_seconds=_retry_seconds(),
+        secure=secure, region=_env("FEDCOMPARE_S3_REGION"),
+        retry_seconds=_retry_seconds() if retry_seconds is None else retry_seconds,
     )
 
 
@@ -207,7 +208,7 @@ def _retry_seconds() -> float:
     return value
 
 
-def open_store(uri: str) -> Store:
+def open_store(uri: str, *, retry_seconds: float | None = None) -> Store:
     """Open the store a URI names.
 
     Local: ``file:///abs/path`` or a plain filesystem path (relative paths are made
@@ -227,6 +228,8 @@ def open_store(uri: str) -> Store:
 
     Args:
         uri: the store URI or path.
+        retry_seconds: S3 only: how long outages are retried, instead of the environment's
+            setting (0 for a glance that must not wait, such as a progress display).
     Returns:
         A LocalStore or an S3Store (whose bucket now exists).
     Raises:
@@ -243,5 +246,5 @@ def open_store(uri: str) -> Store:
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ValueError(f"expected 's3://bucket[/prefix]', got {uri!r}: name the bucket")
-        return _s3_from_env(parts.netloc, unquote(parts.path).strip("/"))
+        return _s3_from_env(parts.netloc, unquote(parts.path).strip("/"), retry_seconds)
     raise ValueError(f"unsupported store URI {uri!r}: use {_ACCEPTED}")

@@ -307,6 +307,8 @@ def test_retry_seconds_setting_is_checked(s3_env: str, monkeypatch: pytest.Monke
     monkeypatch.setenv("FEDCOMPARE_S3_RETRY_SECONDS", "2.5")
     store = open_store(f"s3://{s3_env}")
     assert isinstance(store, S3Store) and store.retry_seconds == 2.5
+    glance = open_store(f"s3://{s3_env}", retry_seconds=0)  # what a progress display opens
+    assert isinstance(glance, S3Store) and glance.retry_seconds == 0.0
 
 
 def test_s3_outage_shorter_than_the_bound_is_retried(
@@ -334,6 +336,7 @@ def test_s3_outage_longer_than_the_bound_names_the_endpoint(
 ) -> None:
     monkeypatch.setenv("FEDCOMPARE_S3_RETRY_SECONDS", "2")
     store = open_store(f"s3://{proxied_env}")
+    glance = open_store(f"s3://{proxied_env}", retry_seconds=0)  # what a progress display opens
     proxy.stop()
     started = time.monotonic()
     with pytest.raises(StoreError) as info:
@@ -343,6 +346,11 @@ def test_s3_outage_longer_than_the_bound_names_the_endpoint(
     assert 2 <= elapsed < 8, f"expected to give up after the 2 s bound, took {elapsed:.1f} s"
     assert proxy.endpoint in message and "after retrying for 2 s" in message
     assert "FEDCOMPARE_S3_RETRY_SECONDS" in message and "\n" not in message and SECRET not in message
+
+    started = time.monotonic()
+    with pytest.raises(StoreError):
+        glance.get_bytes("runs/o/any.bin")
+    assert time.monotonic() - started < 1.5, "a store opened with retry_seconds=0 fails at once"
 
 
 def test_s3_5xx_answers_are_retried_then_reported(
