@@ -178,7 +178,7 @@ def test_a_killed_node_is_left_out_and_rejoins_after_a_restart(stack, s3):
     # long enough for healthy nodes on a loaded 2-core host (each serves both arms in turn); the killed
     # node is dropped when the SuperLink marks it unavailable (two missed 30 s heartbeats) or at the timeout
     timeout = {"round_timeout_s": 90.0}
-    config = {**BASE, "rounds": 4, "large": {"model": "auto", "learning_rate": 1e-3, **timeout},
+    config = {**BASE, "rounds": 3, "large": {"model": "auto", "learning_rate": 1e-3, **timeout},
               "small": {"model": "logreg", "learning_rate": 0.01, **timeout}}
     store = _store(s3)
     demo, run_id = _start_demo(stack, s3, config)
@@ -196,25 +196,25 @@ def test_a_killed_node_is_left_out_and_rejoins_after_a_restart(stack, s3):
     first = _partition_of(report)
     victim = next(node for node, partition in first.items() if partition == 3)
     large = report["arms"]["large"]
-    assert large["rounds"] == 4 and report["arms"]["small"]["rounds"] == 4, "both arms completed"
+    assert large["rounds"] == 3 and report["arms"]["small"]["rounds"] == 3, "both arms completed"
     round_2 = {n["node_id"] for n in load_round(store, run_id, "large", 2)[1]["nodes"] if n["train"]}
     assert round_2 == set(first) - {victim}, "round 2 went on with the other three nodes"
     assert any(d["round"] == 2 and d["node_id"] == victim and d["phase"] == "train" for d in large["dropped"]), \
         large["dropped"]
-    round_4 = {n["node_id"] for n in load_round(store, run_id, "large", 4)[1]["nodes"] if n["train"]}
-    rejoined = round_4 - set(first)
-    assert len(round_4) == 4 and len(rejoined) == 1, "the restarted node trained round 4 under its new id"
-    assert not any(d["round"] == 4 for d in large["dropped"]), large["dropped"]
+    round_3 = {n["node_id"] for n in load_round(store, run_id, "large", 3)[1]["nodes"] if n["train"]}
+    rejoined = round_3 - set(first)
+    assert len(round_3) == 4 and len(rejoined) == 1, "the restarted node trained round 3 under its new id"
+    assert not any(d["round"] == 3 for d in large["dropped"]), large["dropped"]
 
 
 @pytest.fixture(scope="module")
 def outage_run(stack, s3) -> tuple[str, dict, str, str]:
-    """Run 3 rounds while the store goes away for a while mid-run; return run key, config, output, final sha256.
+    """Run 2 rounds while the store goes away for a while mid-run; return run key, config, output, final sha256.
 
     An outage the clients ride out changes no byte of training, so this run's final large
     model is also the uninterrupted reference of the SuperLink test.
     """
-    config = {**BASE, "rounds": 3}
+    config = {**BASE, "rounds": 2}
     store = _store(s3)
     demo, run_id = _start_demo(stack, s3, config)
     try:
@@ -229,17 +229,17 @@ def outage_run(stack, s3) -> tuple[str, dict, str, str]:
     assert demo.returncode == 0, output[-3000:]
     manifest = read_manifest(store, run_id, "large")
     final = manifest["rounds"][str(manifest["latest_complete_round"])]["objects"]
-    return run_id, config, output, final[f"runs/{run_id}/large/round-0003/model.npz"]["sha256"]
+    return run_id, config, output, final[f"runs/{run_id}/large/round-0002/model.npz"]["sha256"]
 
 
 def test_s3_outage_of_a_few_seconds_is_ridden_out_and_a_corrupt_round_is_retrained(stack, s3, outage_run):
     run_id, config, _, original = outage_run
     store = _store(s3)
     manifest = read_manifest(store, run_id, "large")
-    assert manifest["latest_complete_round"] == 3
-    model_key = f"runs/{run_id}/large/round-0003/model.npz"
+    assert manifest["latest_complete_round"] == 2
+    model_key = f"runs/{run_id}/large/round-0002/model.npz"
 
-    # flip one byte of the final model: the resumed run must detect it and retrain round 3
+    # flip one byte of the final model: the resumed run must detect it and retrain round 2
     data = bytearray(store.get_bytes(model_key))
     data[len(data) // 2] ^= 0xFF
     store.put_bytes(model_key, bytes(data))
@@ -247,9 +247,9 @@ def test_s3_outage_of_a_few_seconds_is_ridden_out_and_a_corrupt_round_is_retrain
 
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
     manifest = read_manifest(store, run_id, "large")
-    assert manifest["latest_complete_round"] == 3
-    assert manifest["rounds"]["3"]["objects"][model_key]["sha256"] == original, "retraining gave the same model"
-    assert any(d["round"] == 3 and "corrupt" in d["reason"] for d in manifest["discarded"]), manifest["discarded"]
+    assert manifest["latest_complete_round"] == 2
+    assert manifest["rounds"]["2"]["objects"][model_key]["sha256"] == original, "retraining gave the same model"
+    assert any(d["round"] == 2 and "corrupt" in d["reason"] for d in manifest["discarded"]), manifest["discarded"]
 
 
 def test_a_killed_superlink_comes_back_and_the_retry_resumes_to_the_same_model(stack, s3, outage_run):
@@ -269,16 +269,16 @@ def test_a_killed_superlink_comes_back_and_the_retry_resumes_to_the_same_model(s
 
     assert demo.returncode == 0, output[-3000:]
     report = store.get_json(report_key(run_id))
-    assert report["arms"]["small"]["rounds"] == 3 and report["arms"]["large"]["rounds"] == 3, "both arms completed"
+    assert report["arms"]["small"]["rounds"] == 2 and report["arms"]["large"]["rounds"] == 2, "both arms completed"
     resumed = [r["round"] for r in report["arms"]["large"]["per_round"] if r["resumed_after_round"]]
     assert resumed and resumed[0] >= 2, "the report marks the rounds run after the resume"
     manifest = read_manifest(store, run_id, "large")
-    final = manifest["rounds"]["3"]["objects"][f"runs/{run_id}/large/round-0003/model.npz"]["sha256"]
+    final = manifest["rounds"]["2"]["objects"][f"runs/{run_id}/large/round-0002/model.npz"]["sha256"]
     assert final == uninterrupted, "the resumed final model differs from the uninterrupted one"
 
 
 def test_a_store_that_stays_away_fails_the_arm_naming_the_endpoint(stack, s3):
-    config = {**BASE, "rounds": 3, "arm_retries": 0}
+    config = {**BASE, "rounds": 2, "arm_retries": 0}
     store = _store(s3)
     demo, run_id = _start_demo(stack, s3, config)
     try:
@@ -293,4 +293,4 @@ def test_a_store_that_stays_away_fails_the_arm_naming_the_endpoint(stack, s3):
     assert "flow run ended FAILED" in output, output[-3000:]
     assert s3.endpoint in output, output[-3000:]
     manifest = read_manifest(store, run_id, "large")
-    assert manifest["latest_complete_round"] < 3, "nothing is recorded as complete that was not written"
+    assert manifest["latest_complete_round"] < 2, "nothing is recorded as complete that was not written"
