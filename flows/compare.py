@@ -75,7 +75,7 @@ def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_k
         "dirichlet-alpha": data.dirichlet_alpha, "classes-per-node": data.classes_per_node,
         "central-test-fraction": data.central_test_fraction, "local-test-fraction": data.local_test_fraction,
         "num-rounds": config.rounds, "local-epochs": arm_config.local_epochs,
-        "batch-size": arm_config.batch_size, "learning-rate": arm_config.learning_rate,
+        "batch-size": arm_config.batch_size, "learning-rate": arm_config.learning_rate_at(epsilon),
         "optimizer": arm_config.optimizer, "seed": config.seed,
         # the node query is not an arm: it waits as long as the most patient arm
         "round-timeout": query_timeout_s(config) if mode == "query" else arm_config.round_timeout_s,
@@ -306,7 +306,7 @@ def train_reference(arm: str, model: str, partition_ids: list[int], num_partitio
     result = train_centralized(
         dataset, model_name=model, partition_ids=tuple(partition_ids), num_partitions=num_partitions,
         epochs=config.rounds * arm_config.local_epochs, batch_size=arm_config.batch_size,
-        learning_rate=arm_config.learning_rate, optimizer=arm_config.optimizer, seed=config.seed,
+        learning_rate=arm_config.learning_rate_at(epsilon), optimizer=arm_config.optimizer, seed=config.seed,
         data_kwargs=_data_kwargs(config), dp=dp,
     )
     get_run_logger().info("%s central reference%s: accuracy %.4f after %d epochs on %d examples", arm,

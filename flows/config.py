@@ -65,6 +65,10 @@ class ArmConfig(_Strict):
     batch_size: int = Field(32, ge=1, le=65536)
     # step size of the node's optimizer
     learning_rate: float = Field(gt=0.0, le=10.0)
+    # step size of this arm's private runs at each ε, e.g. {1: 0.02, 3: 0.05} (an ε not listed: learning_rate);
+    # DP-SGD's noise grows as ε shrinks, and a step that suits ε=8 can drown a model in noise at ε=1.
+    # The central DP reference at that ε uses the same step, so the comparison stays like for like
+    learning_rate_by_epsilon: dict[float, float] = Field(default_factory=dict, max_length=8)
     # optimizer of the torch models: adam, or sgd (momentum 0.9; the usual choice under DP-SGD);
     # the scikit-learn logreg always runs its own SGD
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -82,6 +86,19 @@ class ArmConfig(_Strict):
     # seconds one try of a round waits for the arm's nodes to connect and reply (evaluation as long);
     # a node that misses it is left out of the round
     round_timeout_s: float = Field(600.0, gt=0.0, le=86400.0)
+
+    @field_validator("learning_rate_by_epsilon")
+    @classmethod
+    def _steps(cls, value: dict[float, float]) -> dict[float, float]:
+        """Accept positive ε keys and step sizes in (0, 10]."""
+        for eps, rate in value.items():
+            if not 0 < eps <= 100 or not 0 < rate <= 10:
+                raise ValueError(f"expected ε in (0, 100] mapped to a learning rate in (0, 10], got {eps:g}: {rate:g}")
+        return dict(sorted(value.items()))
+
+    def learning_rate_at(self, epsilon: float | None) -> float:
+        """Return the step size of this arm's run private at ``epsilon`` (None: without DP)."""
+        return self.learning_rate if epsilon is None else self.learning_rate_by_epsilon.get(epsilon, self.learning_rate)
 
 
 class PrivacyConfig(_Strict):
@@ -217,6 +234,13 @@ class CompareConfig(_Strict):
                 "or privacy.arms to 'large'"
             )
         for kind in ("large", "small"):
+            unused = sorted(set(getattr(self, kind).learning_rate_by_epsilon) - set(self.privacy.epsilons))
+            if unused and self.privacy.covers(kind):
+                raise ValueError(
+                    f"{kind}.learning_rate_by_epsilon names ε={', '.join(f'{e:g}' for e in unused)}, which no private "
+                    f"run of this arm uses (they run at ε={', '.join(f'{e:g}' for e in self.privacy.epsilons)}): "
+                    "fix the key or add it to privacy.epsilon_sweep"
+                )
             aggregation = getattr(self, kind).aggregation
             if self.privacy.mode == "client-level" and self.privacy.covers(kind) and aggregation != "fedavg":
                 raise ValueError(
