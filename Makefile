@@ -19,10 +19,10 @@ demo: $(STAMP)  ## start the local stack, run federated-compare/local, print the
 
 # two workers: the fault and integration stacks spend much of their time waiting, so they overlap well
 test: $(STAMP)  ## all tests, the integration tests against a real local stack included
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: $(STAMP)  ## unit tests only
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not integration"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not integration"
 
 down:  ## stop everything `make demo` / `fedcompare up` started
 	@if [ -x $(BIN)/fedcompare ]; then $(BIN)/fedcompare down; else echo "nothing to stop: no $(VENV)"; fi
