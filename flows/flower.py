@@ -1,5 +1,8 @@
 """Submit, follow and stop Flower runs through the `flwr` CLI (the only way Flower 1.41 offers).
 
+Following a run is the exception: its status is asked every few seconds, so it goes through
+the CLI's own Control API client in-process, and through the CLI only when that fails.
+
 The connection is TLS when $FEDCOMPARE_SUPERLINK_ROOT_CERTIFICATES names the SuperLink's CA
 certificate (the ca.crt of `fedcompare certs create`), plain otherwise (the local stack).
 """
@@ -156,9 +159,50 @@ def submit_run(run_config: dict[str, Any], superlink: str) -> int:
     return int(answer["run-id"])
 
 
+def _ls_in_process(run_id: int, superlink: str) -> dict[str, Any]:
+    """Return what `flwr ls --run-id <run_id> --format json` prints, asked through Flower's Control API client.
+
+    The `flwr` CLI costs a Python process start (1.3 s of CPU, on the cores the nodes train
+    on) for a request that takes milliseconds; followers ask every few seconds. This is the
+    CLI's own request (``ListRuns``) and formatting (``format_runs``, ``_to_json``), made with
+    the client and interceptors it builds, less the account-login interceptor that
+    open-source Flower does not use.
+    """
+    from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+    from flwr.cli.ls import _to_json
+    from flwr.cli.run_utils import format_runs
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.control import ControlHttpClient
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+    target = connection(superlink)
+    certificates = target.get("root-certificates")
+    client = ControlHttpClient.from_server_address(
+        server_address=superlink, insecure=bool(target.get("insecure")),
+        root_certificates=Path(certificates).read_bytes() if certificates else None,
+        interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+    )
+    try:
+        answer = client.ListRuns(ListRunsRequest(run_id=run_id))
+    finally:
+        client.close()
+    runs = format_runs([run_from_proto(run) for run in answer.run_dict.values()], answer.now)
+    if not runs:
+        raise LookupError(f"the SuperLink does not know run {run_id}")
+    return json.loads(_to_json(runs))
+
+
 def run_status(run_id: int, superlink: str) -> RunStatus:
-    """Return the current status of Flower run `run_id`."""
-    answer = _call(["ls", "--run-id", str(run_id)], superlink)
+    """Return the current status of Flower run `run_id`.
+
+    Asked in-process (``_ls_in_process``); if that fails for any reason, `flwr ls` is asked,
+    whose failures are explained in one line (unreachable SuperLink, TLS, unknown run).
+    """
+    try:
+        answer = _ls_in_process(run_id, superlink)
+    except Exception:  # noqa: BLE001 - the CLI below gives the same answer or the one-line explanation
+        answer = _call(["ls", "--run-id", str(run_id)], superlink)
     run = answer["runs"][0]
     traffic = run.get("network-traffic", {})
     compute = run.get("compute-time", {})

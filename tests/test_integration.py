@@ -2,7 +2,7 @@
 
 Starts a real Prefect server, work pool, worker and deployment, a Flower SuperLink and
 four SuperNodes, and runs `federated-compare/local` through the CLI a user would use
-(`fedcompare demo`): the default configuration (both arms on all four nodes) for 2 rounds,
+(`fedcompare demo`): the default configuration (both arms on all four nodes) for 1 round,
 and the `by-tier` assignment (large on the gpu-tier nodes, small on the cpu-tier ones) for 1.
 """
 
@@ -31,7 +31,7 @@ from tests.accounting import independent_epsilon
 
 pytestmark = pytest.mark.integration
 FEDCOMPARE = str(Path(sys.executable).parent / "fedcompare")
-ROUNDS = 2
+ROUNDS = 1  # the default configuration's multi-round path runs in the digits runs below and in `make demo`
 
 
 def _free_port() -> int:
@@ -92,7 +92,7 @@ def _demo(state: Path, *args: str) -> tuple[Path, str, str]:
 
 @pytest.fixture(scope="module")
 def demo_run(stack):
-    """The default configuration for 2 rounds."""
+    """The default configuration for ROUNDS rounds."""
     return _demo(stack, "--rounds", str(ROUNDS))
 
 
@@ -181,6 +181,22 @@ def test_flow_run_completed_with_report_and_progress_artifacts(demo_run):
     assert float(by_key["progress-large"].data) == 100.0
     assert float(by_key["progress-small"].data) == 100.0
 
+
+
+def test_run_status_asked_in_process_is_what_flwr_ls_says(demo_run):
+    from flows.flower import _call, _ls_in_process, run_status
+
+    state, run_id, _ = demo_run
+    superlink = f"127.0.0.1:{json.loads((state / 'stack.json').read_text())['superlink_port']}"
+    report = open_store(f"file://{state}/store").get_json(report_key(run_id))
+
+    for arm in ("large", "small"):
+        flower_run = int(report["arms"][arm]["flower_run_id"])
+        fast, cli = _ls_in_process(flower_run, superlink), _call(["ls", "--run-id", str(flower_run)], superlink)
+        assert fast["runs"][0]["status"] == cli["runs"][0]["status"] == "finished:completed"
+        assert {k: v for k, v in fast["runs"][0].items() if k != "elapsed"} == \
+            {k: v for k, v in cli["runs"][0].items() if k != "elapsed"}, "the same fields and values as the CLI's"
+        assert run_status(flower_run, superlink).completed
 
 def test_store_holds_every_round_of_both_arms_and_the_report_matches_the_checkpoint(demo_run):
     state, run_id, _ = demo_run
