@@ -9,7 +9,11 @@ metrics.json: one more request, which costs moto_server about 3 ms):
 
 - ``local``: a LocalStore in a temp dir; raw = plain file write + fsync, and read, in that dir.
 - ``s3``: an S3Store against a moto_server the script starts on a free 127.0.0.1 port (and
-  always stops); raw = minio ``put_object``/``get_object`` with the client's defaults.
+  always stops), or against the running server ``--s3-endpoint`` names (MinIO, or any
+  S3-compatible server; keys from FEDCOMPARE_S3_ACCESS_KEY/SECRET_KEY, bucket ``--s3-bucket``,
+  created if missing); raw = minio ``put_object``/``get_object`` with the client's defaults.
+  moto_server, a Python server, spends about 3 ms of CPU on every request however small, on
+  the cores the client uses: a load's manifest read costs it as much as a 3 MB transfer.
 
 The five measurements interleave (save, raw put, then load, load_round and raw get in an
 order that rotates from run to run, since the first read after writing pays more; the raw
@@ -127,19 +131,21 @@ class _LocalRaw:
 class _S3Raw:
     """Raw minio put_object/get_object against the same server and bucket, with the client's defaults."""
 
-    def __init__(self, endpoint: str, bucket: str) -> None:
+    def __init__(self, endpoint: str, bucket: str, access: str = _ACCESS, secret: str = _SECRET) -> None:
         from minio import Minio
 
-        self.client = Minio(endpoint.removeprefix("http://"), access_key=_ACCESS, secret_key=_SECRET, secure=False)
+        self.client = Minio(endpoint.split("://")[-1], access_key=access, secret_key=secret,
+                            secure=endpoint.startswith("https://"))
         self.bucket = bucket
+        self.name = f"raw-{uuid.uuid4().hex[:8]}.bin"
 
     def put(self, data: bytes) -> None:
         """Upload ``data`` as one object."""
-        self.client.put_object(self.bucket, "raw.bin", io.BytesIO(data), len(data))
+        self.client.put_object(self.bucket, self.name, io.BytesIO(data), len(data))
 
     def get(self) -> bytes:
         """Download the object."""
-        response = self.client.get_object(self.bucket, "raw.bin")
+        response = self.client.get_object(self.bucket, self.name)
         try:
             return response.read()
         finally:
@@ -148,7 +154,7 @@ class _S3Raw:
 
     def clear(self) -> None:
         """Remove the object."""
-        self.client.remove_object(self.bucket, "raw.bin")
+        self.client.remove_object(self.bucket, self.name)
 
 
 def _cpu_s() -> float:
@@ -242,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="local,s3", help="backends to measure: local, s3 or both")
     parser.add_argument("--repeat", type=int, default=5, help="runs per measurement (sizes >= 500 MB: at most 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first, per size and backend")
+    parser.add_argument("--s3-endpoint", default="", help="measure this running S3 server (http://host:port) "
+                        "instead of starting a moto_server; keys from FEDCOMPARE_S3_ACCESS_KEY/SECRET_KEY")
+    parser.add_argument("--s3-bucket", default="fedcompare-bench", help="bucket on --s3-endpoint (created if missing)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -255,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends:
             if backend == "local":
                 store, raw = LocalStore(tmp / "store"), _LocalRaw(tmp)
+            elif args.s3_endpoint:
+                access = os.environ.get("FEDCOMPARE_S3_ACCESS_KEY", _ACCESS)
+                secret = os.environ.get("FEDCOMPARE_S3_SECRET_KEY", _SECRET)
+                host, secure = args.s3_endpoint.split("://")[-1], args.s3_endpoint.startswith("https://")
+                store = S3Store(host, args.s3_bucket, f"bench-{uuid.uuid4().hex[:8]}", access_key=access,
+                                secret_key=secret, secure=secure)
+                raw = _S3Raw(args.s3_endpoint, args.s3_bucket, access, secret)
             else:
                 from tests.s3server import running_s3_server
 
