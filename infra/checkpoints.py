@@ -27,6 +27,7 @@ rounds whose objects are damaged.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -268,18 +269,24 @@ def _load(store: Store, run_key: str, arm: str, round: int, entry: Mapping[str, 
 
     if not isinstance(entry, Future):
         known()  # a pruned round fails before any download
-    with ThreadPoolExecutor(max_workers=1) as pool:  # the small objects travel while the model streams
-        small = pool.submit(lambda: (
+
+    def small_objects() -> tuple[dict, dict | None]:
+        return (
             read_verified_json(store, metrics_key, known()["objects"][metrics_key]) if with_metrics else {},
             read_verified_json(store, meta_key, known()["objects"][meta_key])
             if with_meta and meta_key in known()["objects"] else None,
-        ))
+        )
+
+    with ExitStack() as stack:
+        # the small objects travel while the model streams; a model alone needs no second thread
+        small = stack.enter_context(ThreadPoolExecutor(max_workers=1)).submit(small_objects) \
+            if with_metrics or with_meta else None
         try:
             arrays = read_model(store, model_key, lambda: known()["objects"][model_key])
         except Exception:
             known()  # the manifest's reason (no such round, pruned) explains a failed download best
             raise
-        metrics, meta = small.result()
+        metrics, meta = small.result() if small is not None else ({}, None)
     return arrays, metrics, meta
 
 
