@@ -76,7 +76,7 @@ def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_k
         "central-test-fraction": data.central_test_fraction, "local-test-fraction": data.local_test_fraction,
         "num-rounds": config.rounds, "local-epochs": arm_config.local_epochs,
         "batch-size": arm_config.batch_size, "learning-rate": arm_config.learning_rate_at(epsilon),
-        "optimizer": arm_config.optimizer, "seed": config.seed,
+        "optimizer": arm_config.optimizer_at(epsilon), "seed": config.seed,
         # the node query is not an arm: it waits as long as the most patient arm
         "round-timeout": query_timeout_s(config) if mode == "query" else arm_config.round_timeout_s,
         "aggregation": arm_config.aggregation, "min-replies": arm_config.min_replies,
@@ -306,7 +306,8 @@ def train_reference(arm: str, model: str, partition_ids: list[int], num_partitio
     result = train_centralized(
         dataset, model_name=model, partition_ids=tuple(partition_ids), num_partitions=num_partitions,
         epochs=config.rounds * arm_config.local_epochs, batch_size=arm_config.batch_size,
-        learning_rate=arm_config.learning_rate_at(epsilon), optimizer=arm_config.optimizer, seed=config.seed,
+        learning_rate=arm_config.learning_rate_at(epsilon), optimizer=arm_config.optimizer_at(epsilon),
+        seed=config.seed,
         data_kwargs=_data_kwargs(config), dp=dp,
     )
     get_run_logger().info("%s central reference%s: accuracy %.4f after %d epochs on %d examples", arm,
@@ -368,7 +369,8 @@ def _large_need_bytes(config: CompareConfig, models: dict[str, str]) -> int:
     return estimate_training_memory_bytes(
         models["large"], input_shape=dataset.input_shape, num_classes=dataset.num_classes,
         batch_size=config.large.batch_size, private=config.privacy.mode == "sample-level",
-        optimizer=config.large.optimizer,
+        # the optimizer with more state when the arm's runs with and without DP differ (adam > sgd)
+        optimizer="adam" if "adam" in (config.large.optimizer, config.large.dp_optimizer) else "sgd",
     )
 
 

@@ -72,6 +72,10 @@ class ArmConfig(_Strict):
     # optimizer of the torch models: adam, or sgd (momentum 0.9; the usual choice under DP-SGD);
     # the scikit-learn logreg always runs its own SGD
     optimizer: Literal["adam", "sgd"] = "adam"
+    # optimizer of this arm's private runs and their central DP references (empty: optimizer);
+    # under DP-SGD each node's Adam step follows the noise at full size, so sgd is the usual choice,
+    # while the same arm without DP may train best with adam
+    dp_optimizer: Literal["adam", "sgd"] | None = None
     # how the server combines the nodes' updates: fedavg (mean weighted by examples), or a rule robust to
     # bad nodes: fedmedian (coordinate-wise median), trimmed-mean (cuts 20% of each tail per coordinate;
     # nothing with fewer than 5 nodes) or krum (the one update closest to the others); privacy.mode
@@ -95,6 +99,10 @@ class ArmConfig(_Strict):
             if not 0 < eps <= 100 or not 0 < rate <= 10:
                 raise ValueError(f"expected ε in (0, 100] mapped to a learning rate in (0, 10], got {eps:g}: {rate:g}")
         return dict(sorted(value.items()))
+
+    def optimizer_at(self, epsilon: float | None) -> str:
+        """Return the optimizer of this arm's run private at ``epsilon`` (None: without DP)."""
+        return self.optimizer if epsilon is None else self.dp_optimizer or self.optimizer
 
     def learning_rate_at(self, epsilon: float | None) -> float:
         """Return the step size of this arm's run private at ``epsilon`` (None: without DP)."""

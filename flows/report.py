@@ -318,7 +318,7 @@ def privacy_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "ε spent": round(p["epsilon"], 3), "δ": p["delta"], "accountant": p["accountant"],
             "noise multiplier": p["noise_multiplier"] if isinstance(p["noise_multiplier"], list)
             else round(p["noise_multiplier"], 4),
-            "clipping norm": p["clipping_norm"], "learning rate": _learning_rate(report, s, p["target_epsilon"]),
+            "clipping norm": p["clipping_norm"], **_steps(report, s, p["target_epsilon"]),
             "final accuracy": round(s["final_accuracy"], 4),
             "accuracy lost to DP": _round_or_none(s.get("gap_to_non_private"), 4),
             "central reference": round(reference["accuracy"], 4) if reference else None,
@@ -330,13 +330,15 @@ def privacy_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _learning_rate(report: dict[str, Any], arm: dict[str, Any], epsilon: float) -> float | None:
-    """Return the step size the private ``arm`` trained with at ``epsilon`` (None for a report without config)."""
+def _steps(report: dict[str, Any], arm: dict[str, Any], epsilon: float) -> dict[str, Any]:
+    """Return the optimizer and step size the private ``arm`` trained with at ``epsilon`` (None without config)."""
     kind = report.get("config", {}).get(arm.get("kind") or arm["arm"].split("-")[0])
     if not kind:
-        return None
+        return {"optimizer": None, "learning rate": None}
     by_epsilon = {float(eps): rate for eps, rate in (kind.get("learning_rate_by_epsilon") or {}).items()}
-    return by_epsilon.get(float(epsilon), kind["learning_rate"])
+    optimizer = kind.get("dp_optimizer") or kind.get("optimizer")
+    return {"optimizer": optimizer if arm["model"] != "logreg" else "sgd (scikit-learn)",
+            "learning rate": by_epsilon.get(float(epsilon), kind["learning_rate"])}
 
 
 PRIVACY_EXPLAINED = (

@@ -215,21 +215,25 @@ def test_each_private_run_trains_with_the_learning_rate_of_its_epsilon():
     from flows.report import privacy_rows
 
     config = CompareConfig.model_validate(json.loads(json.dumps({  # through JSON, as Prefect hands it over
-        "large": {"model": "cnn", "learning_rate": 0.1, "optimizer": "sgd", "learning_rate_by_epsilon": {1: 0.02}},
+        "large": {"model": "cnn", "learning_rate": 0.1, "dp_optimizer": "sgd", "learning_rate_by_epsilon": {1: 0.02}},
         "small": {"model": "torch-logreg", "learning_rate": 0.01},
         "privacy": {"mode": "sample-level", "epsilon_sweep": [1, 8], "compare_without_dp": True}})))
-    rates = {v.name: _run_config(config, mode="train", arm=v.name, model="cnn", run_key="k", store_uri="file:///s",
-                                 nodes=[1], kind=v.kind, epsilon=v.epsilon)["learning-rate"]
-             for group in plan_variants(config) for v in group}
+    runs = {v.name: _run_config(config, mode="train", arm=v.name, model="cnn", run_key="k", store_uri="file:///s",
+                                nodes=[1], kind=v.kind, epsilon=v.epsilon)
+            for group in plan_variants(config) for v in group}
 
-    assert rates == {"large": 0.1, "small": 0.01, "large-eps1": 0.02, "small-eps1": 0.01, "large-eps8": 0.1,
-                     "small-eps8": 0.01}
+    assert {name: run["learning-rate"] for name, run in runs.items()} == {
+        "large": 0.1, "small": 0.01, "large-eps1": 0.02, "small-eps1": 0.01, "large-eps8": 0.1, "small-eps8": 0.01}
+    assert {name: run["optimizer"] for name, run in runs.items()} == {
+        "large": "adam", "small": "adam", "large-eps1": "sgd", "small-eps1": "adam", "large-eps8": "sgd",
+        "small-eps8": "adam"}, "dp_optimizer applies to the private runs of its arm only"
     report = {"config": config.model_dump(mode="json"), "arms": {
         "large-eps1": {"arm": "large-eps1", "kind": "large", "model": "cnn", "final_accuracy": 0.5, "reference": None,
                        "privacy": {"mode": "sample-level", "target_epsilon": 1.0, "epsilon": 0.99, "delta": 1e-5,
                                    "accountant": "rdp", "noise_multiplier": 2.0, "clipping_norm": 1.0,
                                    "refused": []}}}}
-    assert privacy_rows(report)[0]["learning rate"] == 0.02, "the report names the step the private arm took"
+    row = privacy_rows(report)[0]
+    assert (row["optimizer"], row["learning rate"]) == ("sgd", 0.02), "the report names the step the private arm took"
 
 
 def test_a_learning_rate_for_an_epsilon_no_run_uses_is_refused():
