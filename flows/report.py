@@ -332,13 +332,14 @@ def privacy_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _steps(report: dict[str, Any], arm: dict[str, Any], epsilon: float) -> dict[str, Any]:
     """Return the optimizer and step size the private ``arm`` trained with at ``epsilon`` (None without config)."""
+    from flows.config import ArmConfig
+
     kind = report.get("config", {}).get(arm.get("kind") or arm["arm"].split("-")[0])
     if not kind:
         return {"optimizer": None, "learning rate": None}
-    by_epsilon = {float(eps): rate for eps, rate in (kind.get("learning_rate_by_epsilon") or {}).items()}
-    optimizer = kind.get("dp_optimizer") or kind.get("optimizer")
-    return {"optimizer": optimizer if arm["model"] != "logreg" else "sgd (scikit-learn)",
-            "learning rate": by_epsilon.get(float(epsilon), kind["learning_rate"])}
+    settings = ArmConfig.model_validate(kind)  # the same rule the flow used to pick them
+    return {"optimizer": settings.optimizer_at(epsilon) if arm["model"] != "logreg" else "sgd (scikit-learn)",
+            "learning rate": settings.learning_rate_at(float(epsilon))}
 
 
 PRIVACY_EXPLAINED = (
