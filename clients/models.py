@@ -16,13 +16,13 @@ import numpy as np
 
 from clients.data import Dataset
 
-LARGE_MODELS = ("cnn", "mlp")
+LARGE_MODELS = ("cnn", "cnn-dp", "mlp")
 SMALL_MODELS = ("logreg", "torch-logreg")
 MODEL_NAMES = LARGE_MODELS + SMALL_MODELS
 # optimizers of the torch models: Adam, or SGD with momentum 0.9 (the usual choice under DP-SGD,
 # where Adam's per-coordinate scaling turns the noise of a fresh optimizer into large steps)
 OPTIMIZERS = ("adam", "sgd")
-TORCH_MODELS = ("cnn", "mlp", "torch-logreg")
+TORCH_MODELS = ("cnn", "cnn-dp", "mlp", "torch-logreg")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -30,7 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 class Model(Protocol):
     """What every model of the zoo offers, torch or scikit-learn."""
 
-    name: str  # zoo name: "cnn", "mlp", "logreg", "torch-logreg"
+    name: str  # zoo name: "cnn", "cnn-dp", "mlp", "logreg", "torch-logreg"
     device: str  # where it computes: "cpu" or "cuda" (or "cuda:N")
 
     def get_arrays(self) -> dict[str, np.ndarray]:
@@ -143,8 +143,8 @@ def resolve_large_model(name: str, kind: str) -> str:
         return "cnn" if kind == "image" else "mlp"
     if name not in LARGE_MODELS:
         raise ValueError(f"unknown large model {name!r}: expected 'auto' or one of {', '.join(LARGE_MODELS)}")
-    if name == "cnn" and kind == "tabular":
-        raise ValueError("large model 'cnn' needs image data but the dataset is tabular; use 'mlp' or 'auto'")
+    if name in ("cnn", "cnn-dp") and kind == "tabular":
+        raise ValueError(f"large model {name!r} needs image data but the dataset is tabular; use 'mlp' or 'auto'")
     return name
 
 

@@ -146,13 +146,25 @@ def _failed(what: str, run_id: int, status: str, superlink: str) -> RuntimeError
 
 @task(name="resolve-models")
 def resolve_models(config: CompareConfig) -> dict[str, str]:
-    """Load the dataset once to check it and resolve the model of each arm."""
+    """Load the dataset once to check it and resolve each arm's model, and its private runs' model ("large-dp")."""
     try:
         dataset = load_dataset(config.data.dataset, label_column=config.data.label_column)
     except (OSError, ValueError) as exc:
         raise ValueError(f"data.dataset: {exc}") from None
-    large = resolve_large_model(config.large.model, dataset.kind)
-    return {"large": large, "small": config.small.model}
+    models = {}
+    for kind in ARMS:
+        arm = getattr(config, kind)
+        for key, name in ((kind, arm.model), (f"{kind}-dp", arm.model_at(DP))):
+            models[key] = resolve_large_model(name, dataset.kind) if kind == "large" else name
+    return models
+
+
+DP = 1.0  # any ε: ArmConfig.model_at(ε) is the same model for every ε
+
+
+def _model(models: dict[str, str], kind: str, epsilon: float | None) -> str:
+    """Return the resolved model of arm ``kind``'s run (private at ``epsilon``, or without DP for None)."""
+    return models[kind if epsilon is None else f"{kind}-dp"]
 
 
 @task(name="discover-nodes")
@@ -363,15 +375,24 @@ def publish_report(config: CompareConfig, run_key: str, store_uri: str, federati
 
 def _large_need_bytes(config: CompareConfig, models: dict[str, str]) -> int:
     """Estimate the tensor bytes one training step of the large arm holds (0: no estimate needed or possible)."""
-    if config.assignment != "by-tier" or models["large"] not in TORCH_MODELS:
+    if config.assignment != "by-tier":
         return 0
-    dataset = load_dataset(config.data.dataset, label_column=config.data.label_column)
-    return estimate_training_memory_bytes(
-        models["large"], input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-        batch_size=config.large.batch_size, private=config.privacy.mode == "sample-level",
-        # the optimizer with more state when the arm's runs with and without DP differ (adam > sgd)
-        optimizer="adam" if "adam" in (config.large.optimizer, config.large.dp_optimizer) else "sgd",
-    )
+    privacy = config.privacy
+    runs = [None] if not privacy.covers("large") or privacy.compare_without_dp else []
+    runs += [DP] if privacy.covers("large") else []
+    need = 0
+    dataset = None
+    for epsilon in runs:  # the larger need of the arm's runs without and with DP
+        model = _model(models, "large", epsilon)
+        if model not in TORCH_MODELS:
+            continue
+        dataset = dataset or load_dataset(config.data.dataset, label_column=config.data.label_column)
+        need = max(need, estimate_training_memory_bytes(
+            model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+            batch_size=config.large.batch_size, private=epsilon is not None and privacy.mode == "sample-level",
+            optimizer=config.large.optimizer_at(epsilon),
+        ))
+    return need
 
 
 def _references(config: CompareConfig, models: dict[str, str], nodes: list[dict[str, Any]],
@@ -383,18 +404,21 @@ def _references(config: CompareConfig, models: dict[str, str], nodes: list[dict[
     partitions = {n["node_id"]: n["partition-id"] for n in nodes}
     num_partitions = nodes[0]["num-partitions"]
 
-    def reference(name: str, kind: str, epsilon: float | None) -> dict[str, Any]:
-        return train_reference(name, models[kind], sorted(partitions[n] for n in assignment[kind]), num_partitions,
+    def reference(name: str, kind: str, epsilon: float | None, model: str) -> dict[str, Any]:
+        return train_reference(name, model, sorted(partitions[n] for n in assignment[kind]), num_partitions,
                                config, kind=kind, epsilon=epsilon)
 
-    plain = {kind: reference(kind, kind, None) for kind in ARMS}
-    # a private arm's reference is DP-SGD at the same ε on the pooled data; client-level DP and the
-    # scikit-learn model have no central DP-SGD counterpart, so theirs is the reference without DP
-    return {
-        v.name: reference(v.name, v.kind, v.epsilon)
-        if v.epsilon is not None and config.privacy.mode == "sample-level" else plain[v.kind]
-        for v in variants
-    }
+    plain = {kind: reference(kind, kind, None, models[kind]) for kind in ARMS}
+    references = {}
+    for v in variants:
+        model = _model(models, v.kind, v.epsilon)
+        if v.epsilon is not None and config.privacy.mode == "sample-level":
+            references[v.name] = reference(v.name, v.kind, v.epsilon, model)  # DP-SGD at the same ε, pooled
+        elif model == models[v.kind]:
+            references[v.name] = plain[v.kind]
+        else:  # client-level DP of the arm's private model: that model without DP (no central counterpart)
+            references[v.name] = reference(v.name, v.kind, None, model)
+    return references
 
 
 @flow(name="federated-compare", log_prints=True)
@@ -425,7 +449,7 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
     retrying = train_arm.with_options(retries=config.arm_retries, retry_delay_seconds=5)
     arms: dict[str, dict[str, Any]] = {}
     for group in groups:
-        futures = {v.name: retrying.submit(v.name, models[v.kind], assignment[v.kind], config, run_key, store_uri,
+        futures = {v.name: retrying.submit(v.name, _model(models, v.kind, v.epsilon), assignment[v.kind], config, run_key, store_uri,
                                            superlink, kind=v.kind, epsilon=v.epsilon) for v in group}
         arms.update({v.name: {**futures[v.name].result(), "kind": v.kind} for v in group})
 

@@ -246,3 +246,30 @@ def test_a_learning_rate_for_an_epsilon_no_run_uses_is_refused():
     with pytest.raises(ValueError, match="learning rate in"):
         CompareConfig.model_validate({"large": {"model": "cnn", "learning_rate": 0.1,
                                                 "learning_rate_by_epsilon": {1: 0}}})
+
+
+def test_an_arm_can_train_a_more_compact_model_under_dp():
+    from clients.models import estimate_training_memory_bytes
+    from flows.compare import _large_need_bytes, _model, resolve_models
+
+    settings = {"large": {"model": "auto", "learning_rate": 1e-3, "dp_model": "cnn-dp", "dp_optimizer": "sgd"},
+                "small": {"model": "torch-logreg", "learning_rate": 0.01},
+                "privacy": {"mode": "sample-level", "compare_without_dp": True}, "assignment": "by-tier"}
+    config = CompareConfig.model_validate(settings)
+    models = resolve_models.fn(config)
+
+    assert models == {"large": "cnn", "large-dp": "cnn-dp", "small": "torch-logreg", "small-dp": "torch-logreg"}
+    assert [_model(models, "large", eps) for eps in (None, 1.0, 8.0)] == ["cnn", "cnn-dp", "cnn-dp"]
+    assert config.large.model_at(None) == "auto" and config.large.model_at(3.0) == "cnn-dp"
+    shape = {"input_shape": (1, 28, 28), "num_classes": 10, "batch_size": 32}
+    plain = estimate_training_memory_bytes("cnn", private=False, optimizer="adam", **shape)
+    private = estimate_training_memory_bytes("cnn-dp", private=True, optimizer="sgd", **shape)
+    assert plain > private, "the 1.3M-parameter CNN needs more than the compact one even with DP-SGD"
+    assert _large_need_bytes(config, models) == plain, "by-tier sizes nodes for the larger of the arm's runs"
+    only_private = CompareConfig.model_validate({**settings, "privacy": {"mode": "sample-level"}})
+    assert _large_need_bytes(only_private, models) == private
+
+    with pytest.raises(ValueError, match="large.dp_model: expected one of auto, cnn, cnn-dp, mlp, got 'logreg'"):
+        CompareConfig.model_validate({**settings, "large": {**settings["large"], "dp_model": "logreg"}})
+    with pytest.raises(ValueError, match="small.dp_model is the scikit-learn 'logreg'"):
+        CompareConfig.model_validate({**settings, "small": {**settings["small"], "dp_model": "logreg"}})
