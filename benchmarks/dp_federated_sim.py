@@ -48,6 +48,10 @@ def main() -> None:
     p.add_argument("--sigma", type=float, default=None, help="fixed noise multiplier (diagnostic)")
     p.add_argument("--nodes-train", default="", help="comma-separated partitions that train (default all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--central-batch-size", type=int, default=None,
+                   help="batch size of the central reference (default --batch-size)")
+    p.add_argument("--central-lr", type=float, default=None, help="step size of the central reference (default --lr)")
     p.add_argument("--diag", action="store_true", help="evaluate every node's model and the update geometry")
     args = p.parse_args()
 
@@ -74,7 +78,7 @@ def main() -> None:
 
     def build():
         return build_model(args.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                           seed=args.seed, device="cpu", private=not args.no_dp)
+                           seed=args.seed, device=args.device, private=not args.no_dp)
 
     for eps in epsilons:
         if not args.central_only:
@@ -143,9 +147,12 @@ def main() -> None:
                                            "max_grad_norm": args.max_grad_norm, "accountant": "rdp"}
             ref = train_centralized(dataset, model_name=args.model, partition_ids=tuple(range(num_partitions)),
                                     num_partitions=num_partitions, epochs=args.rounds * args.epochs,
-                                    batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+                                    batch_size=args.central_batch_size or args.batch_size,
+                                    learning_rate=args.central_lr or args.lr, seed=args.seed,
                                     optimizer=args.optimizer, data_kwargs=data_kwargs, dp=dp)
             print(json.dumps({"arm": "central", "eps": eps, **common, "accuracy": round(ref["accuracy"], 4),
+                              "central_batch_size": args.central_batch_size or args.batch_size,
+                              "central_lr": args.central_lr or args.lr,
                               "sigma": round(ref.get("privacy", {}).get("noise_multiplier", 0.0), 3),
                               "num_examples": ref["num_examples"],
                               "seconds": round(time.perf_counter() - start, 1)}), flush=True)
