@@ -185,9 +185,7 @@ def test_flow_run_completed_with_report_and_progress_artifacts(demo_run):
 
 
 def test_run_status_asked_in_process_is_what_flwr_ls_says(demo_run):
-    from flwr.cli.build import build_fab_from_disk
-
-    from flows.flower import APP_DIR, _call, _ls_in_process, run_status
+    from flows.flower import _call, _ls_in_process, build_fab, run_status
 
     state, run_id, _ = demo_run
     superlink = f"127.0.0.1:{json.loads((state / 'stack.json').read_text())['superlink_port']}"
@@ -200,8 +198,8 @@ def test_run_status_asked_in_process_is_what_flwr_ls_says(demo_run):
         assert {k: v for k, v in fast["runs"][0].items() if k != "elapsed"} == \
             {k: v for k, v in cli["runs"][0].items() if k != "elapsed"}, "the same fields and values as the CLI's"
         assert run_status(flower_run, superlink).completed
-        # the arms were submitted in-process: with the FAB `flwr run` builds
-        assert cli["runs"][0]["fab-hash"] == hashlib.sha256(build_fab_from_disk(APP_DIR)).hexdigest()
+        # the arms were submitted in-process, with the FAB `flwr run` builds (tests/test_federation.py)
+        assert cli["runs"][0]["fab-hash"] == hashlib.sha256(build_fab()).hexdigest()
 
 def test_store_holds_every_round_of_both_arms_and_the_report_matches_the_checkpoint(demo_run):
     state, run_id, _ = demo_run
