@@ -13,8 +13,10 @@ log = logging.getLogger("fedcompare.server")
 
 # Flower's grid polls the SuperLink for replies every 3 s; a round waits for its replies
 # twice (train, evaluate), so that alone adds up to 6 s per round on a fast network.
-# Polling every 0.25 s costs one small local HTTP request per poll.
-REPLY_POLL_S = 0.25
+# Every poll is a request the SuperLink answers with about 20 ms of CPU (measured: 4.4% of a
+# core at about 2.3 requests/s idle, 15% while two arms polled every 0.25 s); every 0.5 s
+# halves the arms' share for 0.125 s more wait per reply on average.
+REPLY_POLL_S = 0.5
 
 
 def node_info_messages(node_ids: Iterable[int]) -> list[Message]:

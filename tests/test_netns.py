@@ -216,7 +216,7 @@ def test_a_tls_federation_across_network_namespaces_runs_the_comparison(tmp_path
     _cli("certs", "create", "--out", str(certs), "--server-ip", link_ip, "--nodes", ",".join(SITES))
     _cli("certs", "create", "--out", str(other), "--server-ip", link_ip)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FEDCOMPARE_"))},
-           "OMP_NUM_THREADS": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25", "COLUMNS": "200"}
+           "OMP_NUM_THREADS": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0", "COLUMNS": "200"}
     running: list[Proc] = []
     started, phases = time.monotonic(), []
 
