@@ -144,6 +144,9 @@ def _failed(what: str, run_id: int, status: str, superlink: str) -> RuntimeError
     return RuntimeError(f"{what} (Flower run {run_id}) ended {status}. Last lines of its log:\n{tail}")
 
 
+_ANY_EPSILON = 1.0  # ArmConfig.model_at(ε) is the same model for every ε
+
+
 @task(name="resolve-models")
 def resolve_models(config: CompareConfig) -> dict[str, str]:
     """Load the dataset once to check it and resolve each arm's model, and its private runs' model ("large-dp")."""
@@ -154,12 +157,9 @@ def resolve_models(config: CompareConfig) -> dict[str, str]:
     models = {}
     for kind in ARMS:
         arm = getattr(config, kind)
-        for key, name in ((kind, arm.model), (f"{kind}-dp", arm.model_at(DP))):
+        for key, name in ((kind, arm.model), (f"{kind}-dp", arm.model_at(_ANY_EPSILON))):
             models[key] = resolve_large_model(name, dataset.kind) if kind == "large" else name
     return models
-
-
-DP = 1.0  # any ε: ArmConfig.model_at(ε) is the same model for every ε
 
 
 def _model(models: dict[str, str], kind: str, epsilon: float | None) -> str:
@@ -379,7 +379,7 @@ def _large_need_bytes(config: CompareConfig, models: dict[str, str]) -> int:
         return 0
     privacy = config.privacy
     runs = [None] if not privacy.covers("large") or privacy.compare_without_dp else []
-    runs += [DP] if privacy.covers("large") else []
+    runs += [_ANY_EPSILON] if privacy.covers("large") else []
     need = 0
     dataset = None
     for epsilon in runs:  # the larger need of the arm's runs without and with DP
@@ -449,8 +449,9 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
     retrying = train_arm.with_options(retries=config.arm_retries, retry_delay_seconds=5)
     arms: dict[str, dict[str, Any]] = {}
     for group in groups:
-        futures = {v.name: retrying.submit(v.name, _model(models, v.kind, v.epsilon), assignment[v.kind], config, run_key, store_uri,
-                                           superlink, kind=v.kind, epsilon=v.epsilon) for v in group}
+        futures = {v.name: retrying.submit(v.name, _model(models, v.kind, v.epsilon), assignment[v.kind], config,
+                                           run_key, store_uri, superlink, kind=v.kind, epsilon=v.epsilon)
+                   for v in group}
         arms.update({v.name: {**futures[v.name].result(), "kind": v.kind} for v in group})
 
     references = _references(config, models, federation["nodes"], assignment, variants)
