@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import importlib.util
 import os
@@ -382,9 +383,15 @@ def _split_indices(y: np.ndarray, *, test_fraction: float, seed: int) -> tuple[n
 
     # the split depends on the labels, the sizes, the seed and scikit-learn's algorithm: the cache key names all
     key = hashlib.sha256(np.ascontiguousarray(y, dtype=np.int64).tobytes())
-    key.update(f"{n_test} {seed} {stratifiable} {metadata.version('scikit-learn')}".encode())
+    key.update(f"{n_test} {seed} {stratifiable} {_sklearn_version()}".encode())
     arrays = _cached(f"split-{key.hexdigest()[:32]}", _KEYED, split)
     return arrays["train"], arrays["test"]
+
+
+@functools.cache
+def _sklearn_version() -> str:
+    """Return the installed scikit-learn version, read from its metadata once per process."""
+    return metadata.version("scikit-learn")
 
 
 def _check_fraction(name: str, value: float, *, allow_zero: bool) -> None:
