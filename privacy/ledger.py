@@ -64,8 +64,13 @@ class PrivacyLedger:
                   if (run_key is None or e["run_key"] == run_key) and (arm is None or e["arm"] == arm)]
         return epsilon([_mechanism(e) for e in chosen], delta=delta, accountant=accountant)
 
-    def charge(self, plan: Plan, *, run_key: str, arm: str, server_round: int) -> dict[str, float]:
+    def charge(self, plan: Plan, *, run_key: str, arm: str, server_round: int,
+               message_id: str = "") -> dict[str, float]:
         """Record that this node trains ``server_round`` under ``plan``; return the ε spent after it.
+
+        ``message_id`` names the server's training message: when the node answers the same message
+        again (its warm worker died mid-round and the message is retried), the round is not charged
+        a second time, since only one of the tries releases an update. "" charges every call.
 
         Returns ``{"epsilon_run": ..., "epsilon_node": ...}``: this run and arm's ε, and
         the node's ε over every entry, both at the plan's δ.
@@ -76,9 +81,12 @@ class PrivacyLedger:
         """
         with self._locked():
             entries = self.entries()
+            if message_id and any(e.get("message_id") == message_id for e in entries):
+                return self._spent_after(entries, plan, run_key=run_key, arm=arm)
             new = {"run_key": run_key, "arm": arm, "round": server_round, "accountant": plan.accountant,
                    "delta": plan.delta, **plan.round_mechanism().__dict__,
-                   "charged_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                   "charged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   **({"message_id": message_id} if message_id else {})}
             run_entries = [e for e in entries if e["run_key"] == run_key and e["arm"] == arm] + [new]
             run_eps = epsilon([_mechanism(e) for e in run_entries], delta=plan.delta, accountant=plan.accountant)
             node_eps = epsilon([_mechanism(e) for e in entries + [new]], delta=plan.delta,
@@ -97,6 +105,15 @@ class PrivacyLedger:
                 )
             self._write(entries + [new])
         return {"epsilon_run": run_eps, "epsilon_node": node_eps}
+
+    @staticmethod
+    def _spent_after(entries: list[dict], plan: Plan, *, run_key: str, arm: str) -> dict[str, float]:
+        """Return the ε of this run and arm and of the node over ``entries``, at the plan's δ."""
+        run_entries = [e for e in entries if e["run_key"] == run_key and e["arm"] == arm]
+        return {"epsilon_run": epsilon([_mechanism(e) for e in run_entries], delta=plan.delta,
+                                       accountant=plan.accountant),
+                "epsilon_node": epsilon([_mechanism(e) for e in entries], delta=plan.delta,
+                                        accountant=plan.accountant)}
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
