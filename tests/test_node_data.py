@@ -223,48 +223,48 @@ def digits_file(path: Path, *, classes: tuple[int, ...] = (3, 7), width: int = 6
 
 
 def test_a_node_with_data_path_splits_its_own_file(tmp_path: Path, run_config: ArmRunConfig) -> None:
-    from clients.client_app import _local_splits, _node_facts
+    from clients.node_tasks import local_splits, node_facts
 
     path = digits_file(tmp_path / "own.npz")
     node_config = {"data-path": str(path), "tier": "cpu"}
 
-    train, test = _local_splits(node_config, run_config)
-    again = _local_splits(node_config, run_config)
-    facts = _node_facts(node_config)
+    train, test = local_splits(node_config, run_config)
+    again = local_splits(node_config, run_config)
+    facts = node_facts(node_config)
 
     assert len(train) + len(test) == 362 and abs(len(test) - 0.15 * 362) < 1  # run's local-test-fraction
     assert set(np.unique(train.y)) == {3, 7} and set(np.unique(test.y)) == {3, 7}  # stratified, not remapped
     assert train.num_classes == 10 and train.input_shape == (64,)  # the run's classes, for the model
     assert np.array_equal(train.x, again[0].x)  # seeded by the run's seed
     assert facts.partition_id < 0 and facts.num_partitions == 0 and facts.data_id.startswith("file-")
-    assert _node_facts(dict(node_config)).partition_id == facts.partition_id  # stable across restarts
+    assert node_facts(dict(node_config)).partition_id == facts.partition_id  # stable across restarts
 
 
 def test_a_node_without_data_path_takes_its_partition(run_config: ArmRunConfig) -> None:
-    from clients.client_app import _local_splits, _node_facts
+    from clients.node_tasks import local_splits, node_facts
     from clients.data import node_data
 
     node_config = {"partition-id": 1, "num-partitions": 3}
 
-    train, _ = _local_splits(node_config, run_config)
+    train, _ = local_splits(node_config, run_config)
     expected, _ = node_data(load_dataset("digits"), partition_id=1, num_partitions=3, **run_config.data_kwargs())
 
     assert np.array_equal(train.x, expected.x) and np.array_equal(train.y, expected.y)
-    assert _node_facts(node_config).data_id == "partition-1-of-3"
+    assert node_facts(node_config).data_id == "partition-1-of-3"
     with pytest.raises(ValueError, match="neither data-path nor partition-id"):
-        _node_facts({"tier": "cpu"})
+        node_facts({"tier": "cpu"})
 
 
 def test_a_node_file_that_does_not_fit_the_run_is_refused(tmp_path: Path, run_config: ArmRunConfig) -> None:
-    from clients.client_app import _local_splits
+    from clients.node_tasks import local_splits
 
     narrow = digits_file(tmp_path / "narrow.npz", width=60)
     np.savez(tmp_path / "eleven.npz", x=np.zeros((4, 64)), y=np.array([0, 11, 0, 11]))
 
     with pytest.raises(NodeDataError, match=r"narrow\.npz.*expected \(64,\), got \(60,\)"):
-        _local_splits({"data-path": str(narrow)}, run_config)
+        local_splits({"data-path": str(narrow)}, run_config)
     with pytest.raises(NodeDataError, match=r"eleven\.npz.*got 11"):
-        _local_splits({"data-path": str(tmp_path / "eleven.npz")}, run_config)
+        local_splits({"data-path": str(tmp_path / "eleven.npz")}, run_config)
 
 
 def test_the_query_reply_of_a_data_path_node_holds_counts_only(
@@ -297,11 +297,11 @@ def test_a_cuda_node_reports_its_gpu_name_and_memory(monkeypatch: pytest.MonkeyP
     from types import SimpleNamespace
 
     torch = pytest.importorskip("torch", reason="the GPU facts come from torch.cuda")
-    from clients.client_app import _gpu_facts
+    from clients.node_tasks import gpu_facts
 
     asked = []
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda index: asked.append(index) or SimpleNamespace(name="H100", total_memory=80 * 2**30))
 
-    assert _gpu_facts("cpu") == {}
-    assert _gpu_facts("cuda:1") == {"gpu-name": "H100", "gpu-memory-mb": 80 * 1024.0} and asked == [1]
+    assert gpu_facts("cpu") == {}
+    assert gpu_facts("cuda:1") == {"gpu-name": "H100", "gpu-memory-mb": 80 * 1024.0} and asked == [1]

@@ -1,0 +1,325 @@
+"""What a node does for each message: answer the query, train, evaluate. Plain values in and out.
+
+No Flower, Prefect or minio import. The ClientApp (`clients/client_app.py`) turns a Flower
+message into a :class:`Task` and calls :func:`handle`, either in its own process or in the
+node's warm worker (`clients/_warm.py`), which keeps this module, torch and the node's
+loaded data between messages. Both paths run the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import resource
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clients._energy import EnergyMeter  # stdlib only: codecarbon loads when a meter is created
+from clients.data import Dataset, load_dataset, node_data, split_local
+from clients.models import Model, build_model
+from clients.node_data import check_compatible, load_node_data, summarize
+from clients.run_config import ArmRunConfig
+
+KINDS = ("query", "train", "evaluate")
+_SPLIT_CACHE_SIZE = 4  # (dataset, node data, split settings) combinations a warm worker keeps
+
+
+@dataclass(frozen=True)
+class Task:
+    """One message for a node: its kind, the run and node config, the global arrays and per-round values."""
+
+    kind: str  # query | train | evaluate
+    run_config: dict[str, Any]
+    node_config: dict[str, Any]
+    message_id: str = ""  # Flower's id of the message: a retry of the same message is charged to the ledger once
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the per-round ConfigRecord of a train message
+
+
+@dataclass(frozen=True)
+class Result:
+    """A node's answer: the trained arrays (train only) and the reply's values (flat, Flower-ready)."""
+
+    values: dict[str, Any]
+    arrays: dict[str, np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What the node config says about this node: where its data comes from, its tier and device."""
+
+    tier: str  # "gpu" or "cpu"
+    device: str  # "auto", "cpu", "cuda", "cuda:N"
+    data_path: str  # the node's own data file or image folder; "" = a partition of the run's dataset
+    data_format: str  # auto | csv | npz | image-folder (own data only)
+    label_column: str  # label column of an own CSV file
+    partition_id: int  # the partition of the run's dataset; for own data a stable negative id (data_id)
+    num_partitions: int  # 0 for own data
+    privacy_ledger: str  # the node's privacy ledger file ("" = ~/.fedcompare/privacy-ledger-<data>.json)
+    privacy_budget: float | None  # the node's lifetime ε over every run; None = no limit
+
+    @property
+    def data_id(self) -> str:
+        """Return a stable name of the node's data: its partition, or a hash of its own file's path and size."""
+        if not self.data_path:
+            return f"partition-{self.partition_id}-of-{self.num_partitions}"
+        return f"file-{_file_digest(self.data_path)[:16]}"
+
+    @property
+    def who(self) -> str:
+        """Return how errors name this node's data."""
+        return f"node data {self.data_path!r}" if self.data_path else f"node partition {self.partition_id}"
+
+
+def node_facts(node_config: Mapping[str, object]) -> NodeFacts:
+    """Read the node config once: its own data file (data-path wins over partition-id), or its partition."""
+    tier, device = str(node_config.get("tier", "cpu")), str(node_config.get("device", "auto"))
+    ledger = str(node_config.get("privacy-ledger", ""))
+    budget = float(node_config["privacy-budget"]) if "privacy-budget" in node_config else None
+    data_path = str(node_config.get("data-path", ""))
+    if data_path:
+        # a restarted node must give the same partition id (the server re-admits it by that id): derive it from
+        # the data file, negative so that it never names a partition of the run's dataset
+        partition_id = -1 - int(_file_digest(data_path)[:8], 16) % 2**31
+        return NodeFacts(tier, device, data_path, str(node_config.get("data-format", "auto")),
+                         str(node_config.get("label-column", "label")), partition_id, 0, ledger, budget)
+    if "partition-id" not in node_config or "num-partitions" not in node_config:
+        raise ValueError(
+            "node config names neither data-path nor partition-id and num-partitions: start the SuperNode with "
+            "--node-config 'data-path=\"/path/to/data.csv\"' or 'partition-id=0 num-partitions=4'"
+        )
+    partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"node config partition-id={partition_id} is outside 0..{num_partitions - 1}: "
+            "start the SuperNode with a partition-id below num-partitions"
+        )
+    return NodeFacts(tier, device, "", "auto", "label", partition_id, num_partitions, ledger, budget)
+
+
+def _file_digest(data_path: str) -> str:
+    """Return the sha256 hex digest of a data file's resolved path and size (a folder: its files' total size)."""
+    path = Path(data_path).expanduser().resolve()
+    if path.is_dir():
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    else:
+        size = path.stat().st_size if path.exists() else -1
+    return hashlib.sha256(f"{path}\0{size}".encode()).hexdigest()
+
+
+def _file_version(data_path: str) -> tuple[str, int, int]:
+    """Return (resolved path, size, mtime in ns) of a file or folder: a cache key that changes with its content."""
+    path = Path(data_path).expanduser().resolve()
+    if not path.exists():
+        return str(path), -1, -1
+    if path.is_dir():
+        stats = [f.stat() for f in path.rglob("*") if f.is_file()]
+        return str(path), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+_splits: OrderedDict[tuple, tuple[Dataset, Dataset]] = OrderedDict()
+
+
+def local_splits(node_config: Mapping[str, object], run: ArmRunConfig) -> tuple[Dataset, Dataset]:
+    """Return this node's (local train, local test): a split of its own data file, or of its partition.
+
+    A warm worker keeps the last few splits, keyed by everything they are made of (files by path,
+    size and modification time), so a changed file is read again.
+    """
+    facts = node_facts(node_config)
+    paths = ([run.dataset] if Path(run.dataset).suffix else []) + ([facts.data_path] if facts.data_path else [])
+    files = tuple(_file_version(path) for path in paths)
+    key = (facts, run.dataset, run.label_column, tuple(sorted(run.data_kwargs().items())), files)
+    if key in _splits:
+        _splits.move_to_end(key)
+        return _splits[key]
+    splits = _load_splits(facts, run)
+    _splits[key] = splits
+    while len(_splits) > _SPLIT_CACHE_SIZE:
+        _splits.popitem(last=False)
+    return splits
+
+
+def _load_splits(facts: NodeFacts, run: ArmRunConfig) -> tuple[Dataset, Dataset]:
+    """Load and split this node's data (no cache)."""
+    try:
+        dataset = load_dataset(run.dataset, label_column=run.label_column)
+    except ValueError as err:
+        if not facts.data_path:
+            raise
+        raise ValueError(
+            f"node with its own data {facts.data_path!r} needs the run's dataset {run.dataset!r} for its input "
+            f"shape and number of classes, and cannot load it: {err}"
+        ) from None
+    if not facts.data_path:
+        return node_data(dataset, partition_id=facts.partition_id, num_partitions=facts.num_partitions,
+                         **run.data_kwargs())
+    own = load_node_data(facts.data_path, data_format=facts.data_format, label_column=facts.label_column)
+    check_compatible(summarize(own, path=facts.data_path, data_format=facts.data_format),
+                     input_shape=dataset.input_shape, num_classes=dataset.num_classes)
+    own = dataclasses.replace(own, num_classes=dataset.num_classes)  # the model predicts all the run's classes
+    return split_local(own, local_test_fraction=run.local_test_fraction, seed=run.seed)
+
+
+def handle(task: Task) -> Result:
+    """Answer one message: dispatch on its kind."""
+    if task.kind not in KINDS:
+        raise ValueError(f"unknown task kind {task.kind!r}: expected one of {', '.join(KINDS)}")
+    return {"query": query, "train": train, "evaluate": evaluate}[task.kind](task)
+
+
+def query(task: Task) -> Result:
+    """Tell the server what this node is: tier, device, data, number of examples and memory (counts only)."""
+    run = ArmRunConfig.from_run_config(task.run_config)
+    train_set, test_set = local_splits(task.node_config, run)
+    facts = node_facts(task.node_config)
+    device = _detect_device(facts.tier) if facts.device == "auto" else facts.device
+    return Result({
+        "tier": facts.tier,
+        "device": device,
+        "partition-id": facts.partition_id,
+        "num-partitions": facts.num_partitions,
+        "data-source": "node-file" if facts.data_path else "partition",
+        "data-id": facts.data_id,
+        "num-train": len(train_set.y),
+        "num-test": len(test_set.y),
+        "classes-seen": int(np.unique(train_set.y).size),
+        "memory-mb": _available_memory_mb(),
+        **gpu_facts(device),
+        "pid": os.getpid(),
+    })
+
+
+def _available_memory_mb() -> float:
+    """Return the host memory available to new work in MB (Linux MemAvailable; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (ValueError, OSError):
+        return -1.0  # unknown
+
+
+def gpu_facts(device: str) -> dict[str, object]:
+    """Return the GPU's name and memory in MB when the node computes on CUDA; nothing otherwise."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    index = int(device.split(":")[1]) if ":" in device else 0
+    props = torch.cuda.get_device_properties(index)
+    return {"gpu-name": str(props.name), "gpu-memory-mb": props.total_memory / 2**20}
+
+
+def _detect_device(tier: str) -> str:
+    """Return 'cuda' when torch sees a GPU; cpu-tier nodes answer 'cpu' without importing torch."""
+    if tier != "gpu":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model(run: ArmRunConfig, facts: NodeFacts, train_set: Dataset, arrays: Mapping[str, np.ndarray]) -> Model:
+    """Build the run's model on this node's device and load the global arrays."""
+    model = build_model(run.model, input_shape=train_set.input_shape, num_classes=train_set.num_classes,
+                        seed=run.seed, device=facts.device, private=run.privacy_mode == "sample-level")
+    model.set_arrays(OrderedDict(arrays))
+    return model
+
+
+def train(task: Task) -> Result:
+    """Train the received global model on the node's local training split."""
+    facts = node_facts(task.node_config)
+    meter = EnergyMeter(device=facts.device)  # first: codecarbon detects the hardware while the data loads
+    run = ArmRunConfig.from_run_config(task.run_config)
+    train_set, _ = local_splits(task.node_config, run)
+    server_round = int(task.config["server-round"])
+    epochs, batch_size = int(task.config["local-epochs"]), int(task.config["batch-size"])
+    private, wrap = {}, {}
+    if run.privacy_mode == "sample-level":
+        private, wrap = _charge_dp_sgd(run, facts, server_round, len(train_set.y), epochs, batch_size,
+                                       message_id=task.message_id)
+    elif run.privacy_mode == "client-level":
+        private = {"dp-unit-weight": 1.0}  # client-level DP averages the clipped updates with equal weights
+    model = _model(run, facts, train_set, task.arrays)
+    with meter.measure(on_gpu=model.device.startswith("cuda")) as energy:
+        metrics = model.fit(train_set, epochs=epochs, batch_size=batch_size,
+                            learning_rate=float(task.config["learning-rate"]), optimizer=run.optimizer,
+                            seed=run.seed + server_round, **wrap)
+    values = {"num-examples": len(train_set.y), **_floats(metrics, "num_examples", *_withheld(run)),
+              **_resources(model.device), **energy.metrics("train"), **private}
+    return Result(values, arrays=model.get_arrays())
+
+
+def _charge_dp_sgd(run: ArmRunConfig, facts: NodeFacts, server_round: int, num_examples: int, epochs: int,
+                   batch_size: int, *, message_id: str) -> tuple[dict[str, float], dict]:
+    """Plan this node's DP-SGD, charge the round to its privacy ledger; return reply metrics and the fit wrapper.
+
+    Raises BudgetExceeded (the node sits the round out: Flower sends the server an error
+    reply that names the reason) or PrivacyInfeasible.
+    """
+    from privacy.accounting import plan_sample_level
+    from privacy.ledger import PrivacyLedger
+    from privacy.sample_level import DEFAULT_GRAD_SAMPLE_MODE, dp_sgd
+
+    plan = plan_sample_level(num_examples=num_examples, batch_size=batch_size, local_epochs=epochs,
+                             rounds=run.num_rounds, max_grad_norm=run.max_grad_norm,
+                             who=facts.who, **run.privacy_kwargs())
+    # one ledger per data; keyed by the file's path alone, so that appending rows to it does not reset its spend
+    path_digest = hashlib.sha256(str(Path(facts.data_path).expanduser().resolve()).encode()).hexdigest()[:16]
+    ledger_name = f"file-{path_digest}" if facts.data_path else f"partition-{facts.partition_id}"
+    ledger_path = facts.privacy_ledger or os.path.expanduser(f"~/.fedcompare/privacy-ledger-{ledger_name}.json")
+    spent = PrivacyLedger(ledger_path, budget_epsilon=facts.privacy_budget).charge(
+        plan, run_key=run.run_key, arm=run.arm, server_round=server_round, message_id=message_id)
+    metrics = {
+        "dp-noise-multiplier": plan.noise_multiplier, "dp-sample-rate": plan.sample_rate,
+        "dp-steps": float(plan.steps_per_round), "dp-max-grad-norm": plan.max_grad_norm,
+        "dp-epsilon": spent["epsilon_run"], "dp-node-epsilon": spent["epsilon_node"],
+    }
+    return metrics, {"wrap": dp_sgd(plan, grad_sample_mode=DEFAULT_GRAD_SAMPLE_MODE)}
+
+
+def evaluate(task: Task) -> Result:
+    """Evaluate the received global model on the node's local test split."""
+    facts = node_facts(task.node_config)
+    meter = EnergyMeter(device=facts.device)  # first: codecarbon detects the hardware while the data loads
+    run = ArmRunConfig.from_run_config(task.run_config)
+    train_set, test_set = local_splits(task.node_config, run)
+    model = _model(run, facts, train_set, task.arrays)
+    with meter.measure(on_gpu=model.device.startswith("cuda")) as energy:
+        wall, cpu = time.perf_counter(), time.process_time()
+        metrics = model.evaluate(test_set, batch_size=run.batch_size)
+        timing = {"evaluate-seconds": time.perf_counter() - wall, "evaluate-cpu-seconds": time.process_time() - cpu}
+    return Result({"num-examples": len(test_set.y), **_floats(metrics, "num_examples"), **timing,
+                   **_resources(model.device), **energy.metrics("evaluate")})
+
+
+def _withheld(run: ArmRunConfig) -> tuple[str, ...]:
+    """Return the training metrics a private run does not send: the DP guarantee covers the model only."""
+    return ("train_loss",) if run.privacy_mode != "none" else ()
+
+
+def _resources(device: str) -> dict[str, float]:
+    """Return where this process computed (on-gpu 1/0) and its peak resident memory in MB."""
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"on-gpu": float(device.startswith("cuda")), "peak-rss-mb": peak_kib / 1024.0}
+
+
+def _floats(metrics: dict[str, float], *skip: str) -> dict[str, float]:
+    """Return the metrics as floats with dashes in their names, leaving out `skip`."""
+    return {k.replace("_", "-"): float(v) for k, v in metrics.items() if k not in skip}
