@@ -26,7 +26,7 @@ def _settings(args: argparse.Namespace) -> StackSettings:
     wanted = {
         key: value
         for key in ("prefect_port", "superlink_port", "node_base_port", "gpu_nodes", "cpu_nodes",
-                    "node_privacy_budget")
+                    "node_privacy_budget", "warm_workers", "superexec_poll_s", "reply_poll_s")
         if (value := getattr(args, key, None)) is not None
     }
     if existing and not wanted:
@@ -154,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--node-privacy-budget", type=float, metavar="EPSILON",
                          help="lifetime ε each SuperNode lets DP-SGD spend on its data, over all runs "
                          "(default: no limit; every node still keeps a privacy ledger)")
+        sub.add_argument("--warm-workers", action=argparse.BooleanOptionalAction, default=None,
+                         help="a warm worker beside each SuperNode keeps torch, scikit-learn and the node's data "
+                         "loaded between Flower messages (default: on; --no-warm-workers starts a fresh "
+                         "process per message, as bare Flower does)")
+        sub.add_argument("--superexec-poll", type=float, metavar="SECONDS", dest="superexec_poll_s",
+                         help="seconds between the Flower SuperExecs' polls for work (default 1.0; 0.01-60)")
+        sub.add_argument("--reply-poll", type=float, metavar="SECONDS", dest="reply_poll_s",
+                         help="seconds between the ServerApps' polls for the nodes' replies (default 0.5)")
 
     sub = commands.add_parser("up", help="start the local stack in the background (idempotent)")
     stack_flags(sub)

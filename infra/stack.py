@@ -7,6 +7,7 @@ under one state directory, so `up` is idempotent and `down` stops whole groups
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -51,12 +52,21 @@ class StackSettings:
     gpu_nodes: int = 2
     cpu_nodes: int = 2
     node_privacy_budget: float = 0.0  # lifetime ε per node's data; 0: no limit
+    warm_workers: bool = True  # a warm worker beside each SuperNode answers its messages (clients/_warm.py)
+    # seconds between a SuperExec's polls for work (Flower's FLWR_SUPEREXEC_TASK_POLL_INTERVAL, 0.01-60)
+    superexec_poll_s: float = 1.0
+    reply_poll_s: float = 0.5  # seconds between the ServerApp's polls for the nodes' replies
     nodes: list[Node] = field(default_factory=list)
 
     @classmethod
     def create(cls, state_dir: Path, **overrides: float) -> StackSettings:
         """Lay out the nodes for the given counts and ports."""
         base = cls(state_dir=str(state_dir), **overrides)
+        if not 0.01 <= base.superexec_poll_s <= 60:
+            raise StackError(f"--superexec-poll: expected seconds in 0.01..60 (Flower's bounds), "
+                             f"got {base.superexec_poll_s}")
+        if not 0.01 <= base.reply_poll_s <= 60:
+            raise StackError(f"--reply-poll: expected seconds in 0.01..60, got {base.reply_poll_s}")
         tiers = ["gpu"] * base.gpu_nodes + ["cpu"] * base.cpu_nodes
         nodes = [
             Node(f"node-{i}", i, len(tiers), tier, base.node_base_port + i) for i, tier in enumerate(tiers)
@@ -144,11 +154,16 @@ def _bin(name: str) -> str:
 
 
 # The SuperLink and every SuperNode start a `flower-superexec` child that polls for work
-# (a ServerApp or ClientApp to launch); every Flower message waits for that poll, after the
-# SuperNode's own 3 s poll of the SuperLink. Flower's default, once a second, is kept: at
-# 0.25 s the idle local stack (SuperLink, 4 SuperNodes, 5 SuperExecs, Prefect) took 30% of a
-# core instead of 17%, CPU the nodes' training needs more than 0.4 s less wait per message.
-_SUPEREXEC_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}
+# (a ServerApp or ClientApp to launch) every `superexec_poll_s` (Flower's
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL); every Flower message waits for that poll, after the
+# SuperNode's own poll of the SuperLink (3 s after an empty pull, hard-coded in Flower 1.41's
+# `start_client_internal`). Flower's default, once a second, is kept: at 0.25 s the idle local
+# stack took 30% of a core instead of 17%. The ServerApp polls for replies every `reply_poll_s`
+# (fedcompare's grid; Flower's own waits 3 s), read from FEDCOMPARE_REPLY_POLL_S.
+def _poll_env(settings: StackSettings) -> dict[str, str]:
+    """Return the environment that sets Flower's and fedcompare's poll intervals."""
+    return {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(settings.superexec_poll_s),
+            "FEDCOMPARE_REPLY_POLL_S": str(settings.reply_poll_s)}
 
 
 def services(settings: StackSettings) -> list[Service]:
@@ -176,18 +191,32 @@ def services(settings: StackSettings) -> list[Service]:
              "--database", str(state / "flwr" / "superlink" / "state.db")],
             settings.superlink,
             settings.superlink_port,
-            {"FLWR_HOME": str(state / "flwr" / "superlink"), **_SUPEREXEC_ENV},
+            {"FLWR_HOME": str(state / "flwr" / "superlink"), **_poll_env(settings)},
         ),
     ]
     # nodes share this host's cores: one torch thread pool each, not one per core each
     threads = str(max(1, (os.cpu_count() or 1) // max(1, len(settings.nodes))))
     for node in settings.nodes:
         ledger = state / "nodes" / node.name / "privacy-ledger.json"
+        socket = worker_socket(settings, node)
         node_config = (
             f'partition-id={node.partition_id} num-partitions={node.num_partitions} tier="{node.tier}" '
             f'privacy-ledger="{ledger}"'
             + (f" privacy-budget={settings.node_privacy_budget}" if settings.node_privacy_budget else "")
+            + (f' worker-socket="{socket}"' if settings.warm_workers else "")
         )
+        if settings.warm_workers:
+            # the node's warm worker (clients/_warm.py): keeps torch, scikit-learn and the node's data loaded,
+            # so that each Flower message costs its training and not a fresh process's imports
+            found.append(
+                Service(
+                    f"worker-{node.partition_id}",
+                    [sys.executable, "-m", "clients._warm", "--socket", str(socket)],
+                    f"{socket}",
+                    None,
+                    {"OMP_NUM_THREADS": threads},
+                )
+            )
         found.append(
             Service(
                 f"supernode-{node.partition_id}",
@@ -195,10 +224,28 @@ def services(settings: StackSettings) -> list[Service]:
                  "--host", settings.host, "--port", str(node.port), "--node-config", node_config],
                 f"{settings.host}:{node.port} tier={node.tier} partition={node.partition_id}",
                 node.port,
-                {"FLWR_HOME": str(state / "flwr" / node.name), "OMP_NUM_THREADS": threads, **_SUPEREXEC_ENV},
+                {"FLWR_HOME": str(state / "flwr" / node.name), "OMP_NUM_THREADS": threads, **_poll_env(settings)},
             )
         )
     return found
+
+
+def worker_socket(settings: StackSettings, node: Node) -> Path:
+    """Return the Unix socket of ``node``'s warm worker (its authkey sits beside it, mode 0600)."""
+    return warm_worker_socket(Path(settings.state_dir) / "nodes" / node.name)
+
+
+def warm_worker_socket(node_state_dir: Path) -> Path:
+    """Return the warm worker's socket for a node whose state lives in ``node_state_dir``.
+
+    AF_UNIX paths are limited to 107 bytes: a deeper state directory gets a socket in a
+    private folder under /tmp named by the directory's hash.
+    """
+    path = Path(node_state_dir).resolve() / "worker.sock"
+    if len(str(path)) <= 100:
+        return path
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    return Path("/tmp") / f"fedcompare-{os.getuid()}-{digest}" / "worker.sock"
 
 
 def _pid_file(settings: StackSettings, name: str) -> Path:
@@ -339,12 +386,18 @@ def up(settings: StackSettings, *, echo=print) -> None:
     echo(f"flower superlink {settings.superlink}")
 
     for node in settings.nodes:
-        service = by_name[f"supernode-{node.partition_id}"]
-        _start(settings, service)
+        if settings.warm_workers:
+            _start(settings, by_name[f"worker-{node.partition_id}"])
+        _start(settings, by_name[f"supernode-{node.partition_id}"])
     for node in settings.nodes:
         service = by_name[f"supernode-{node.partition_id}"]
         _wait(settings, service, lambda n=node: port_in_use(settings.host, n.port), timeout=60)
         echo(f"flower supernode {service.address}")
+    for node in settings.nodes:
+        if settings.warm_workers:  # ready once its forkserver has imported torch and scikit-learn
+            worker = by_name[f"worker-{node.partition_id}"]
+            _wait(settings, worker, lambda s=worker_socket(settings, node): s.exists(), timeout=180)
+            echo(f"warm worker      {worker.address}")
     worker = by_name["prefect-worker"]
     # The worker logs "Worker '…' started!" once; later flow runs push that line far from the log's end.
     _wait(settings, worker, lambda: "started!" in _log_since_start(settings, worker.name), timeout=60)
