@@ -152,8 +152,8 @@ def _tls_problem(superlink: str) -> str:
     return ""
 
 
-def submit_run(run_config: dict[str, Any], superlink: str) -> int:
-    """Submit this repository's Flower app with `run_config` overrides and return the run id.
+def submit_run(run_config: dict[str, Any], superlink: str, *, app: Path = APP_DIR) -> int:
+    """Submit a Flower app (this repository's by default) with `run_config` overrides and return the run id.
 
     Submitted in-process (``_submit_in_process``); if that fails for any reason, `flwr run`
     submits it, whose failures are explained in one line. (A request that reached the
@@ -161,13 +161,13 @@ def submit_run(run_config: dict[str, Any], superlink: str) -> int:
     client fails before sending when the SuperLink is unreachable.)
     """
     try:
-        return _submit_in_process(run_config, superlink)
+        return _submit_in_process(run_config, superlink, app=app)
     except Exception:  # noqa: BLE001 - the CLI below submits it or gives the one-line explanation
         pass
     with tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="fedcompare-run-", delete=False) as file:
         file.write(tomli_w.dumps(run_config))
     try:
-        answer = _call(["run", str(APP_DIR), "--run-config", file.name], superlink)
+        answer = _call(["run", str(app), "--run-config", file.name], superlink)
     finally:
         os.unlink(file.name)
     return int(answer["run-id"])
@@ -220,13 +220,13 @@ def _control_client(superlink: str):
     )
 
 
-def _submit_in_process(run_config: dict[str, Any], superlink: str) -> int:
-    """Start a run of this app as `flwr run APP_DIR --run-config <run_config as TOML>` does; return its id."""
+def _submit_in_process(run_config: dict[str, Any], superlink: str, *, app: Path = APP_DIR) -> int:
+    """Start a run of ``app`` as `flwr run APP --run-config <run_config as TOML>` does; return its id."""
     from flwr.common.serde import fab_to_proto, user_config_to_proto
     from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=no-name-in-module
     from flwr.supercore.fab import Fab
 
-    fab = build_fab()
+    fab = build_fab(app)
     request = StartRunRequest(
         fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
         override_config=user_config_to_proto(tomllib.loads(tomli_w.dumps(run_config))),  # the CLI's TOML round trip
