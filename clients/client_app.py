@@ -29,7 +29,7 @@ _APP_DIR = Path(__file__).resolve().parents[1]  # the installed FAB this process
 def _answer(kind: str, msg: Message, context: Context, **task: Any) -> tuple[dict[str, Any], Any, dict[str, float]]:
     """Have the node's tasks answer ``msg``; return (reply values, arrays or None, how it was served)."""
     request = {"kind": kind, "run_config": dict(context.run_config), "node_config": dict(context.node_config),
-               "message_id": msg.metadata.message_id, **task}
+               "message_id": msg.metadata.message_id, "created_at": msg.metadata.created_at, **task}
     socket = str(context.node_config.get("worker-socket", ""))
     if socket:
         timeout = float(context.run_config.get("round-timeout", 600.0))

@@ -41,6 +41,7 @@ class Task:
     message_id: str = ""  # Flower's id of the message: a retry of the same message is charged to the ledger once
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the per-round ConfigRecord of a train message
+    created_at: float = 0.0  # when the server created the message (Unix time; 0: unknown)
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,11 @@ def handle(task: Task) -> Result:
     """Answer one message: dispatch on its kind."""
     if task.kind not in KINDS:
         raise ValueError(f"unknown task kind {task.kind!r}: expected one of {', '.join(KINDS)}")
-    return {"query": query, "train": train, "evaluate": evaluate}[task.kind](task)
+    # from the server's send to the start of this node's work: Flower's delivery (polls, a ClientApp
+    # process) and the time the node spent on other messages first, e.g. another arm's training
+    waited = max(0.0, time.time() - task.created_at) if task.created_at else 0.0
+    result = {"query": query, "train": train, "evaluate": evaluate}[task.kind](task)
+    return dataclasses.replace(result, values={**result.values, "node-wait-seconds": waited})
 
 
 def query(task: Task) -> Result:

@@ -212,6 +212,11 @@ def summarize_arm(
                 "slowest_client_train_seconds": max(
                     (n["train"].get("train-seconds", 0.0) for n in r["nodes"]), default=0.0
                 ),
+                # the longest a node's training reply waited before its work began: Flower's delivery and
+                # the node's other messages first (with all-nodes, mostly the other arm's training)
+                "slowest_node_wait_seconds": max(
+                    (n["train"].get("node-wait-seconds", 0.0) for n in r["nodes"]), default=0.0
+                ),
                 "resumed_after_round": r.get("resumed_after_round", 0),
                 **round_resources(r),
             }
@@ -229,6 +234,10 @@ def summarize_arm(
     summary["energy_unmeasured"] = sum(r["energy_unmeasured"] for r in costed)
     summary["peak_rss_mb"] = max(r["peak_rss_mb"] for r in costed)
     summary["per_node"] = node_costs(rounds, cost or CostModel())
+    # the arm's own time on the critical path (its slowest node's training per round) and the time its
+    # training replies waited on the nodes, so that an arm's wall time can be read apart from its queueing
+    summary["busy_seconds"] = sum(r["slowest_client_train_seconds"] for r in costed)
+    summary["waiting_seconds"] = sum(r["slowest_node_wait_seconds"] for r in costed)
     summary["energy_methods"] = sorted({_cpu_energy_method(reply["energy-cpu-method"]) for r in rounds
                                         for n in r["nodes"] for reply in (n["train"], n["evaluate"])
                                         if "energy-cpu-method" in reply})
