@@ -51,6 +51,7 @@ class StackSettings:
     gpu_nodes: int = 2
     cpu_nodes: int = 2
     node_privacy_budget: float = 0.0  # lifetime ε per node's data; 0: no limit
+    concurrency: int = 1  # comparisons (flow runs) at once: the work pool's limit and the worker's; others wait
     nodes: list[Node] = field(default_factory=list)
 
     @classmethod
@@ -163,7 +164,8 @@ def services(settings: StackSettings) -> list[Service]:
         ),
         Service(
             "prefect-worker",
-            [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process", "--limit", "1"],
+            [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
+             "--limit", str(settings.concurrency)],
             f"pool {WORK_POOL}",
             None,
         ),
@@ -329,8 +331,10 @@ def up(settings: StackSettings, *, echo=print) -> None:
     echo(f"prefect server   {settings.prefect_ui}")
 
     _prefect(settings, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
+    # the pool's own limit makes the setting visible in the UI (Work Pools) for every deployment on it
+    _prefect(settings, "work-pool", "set-concurrency-limit", WORK_POOL, str(settings.concurrency))
     _prefect(settings, "--no-prompt", "deploy", "--all")
-    echo(f"deployment       {DEPLOYMENT} (work pool {WORK_POOL})")
+    echo(f"deployment       {DEPLOYMENT} (work pool {WORK_POOL}, {settings.concurrency} comparison(s) at once)")
     _start(settings, by_name["prefect-worker"])
 
     link = by_name["superlink"]
