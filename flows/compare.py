@@ -429,6 +429,8 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
     store_uri = resolve_store_uri(config)
     superlink = resolve_superlink(config)
     logger.info("run key %s, store %s, SuperLink %s", run_key, store_uri, superlink)
+    for note in config.unused_steps():
+        logger.info(note)
 
     models = resolve_models(config)
     federation = discover_nodes(config, run_key, store_uri, superlink)

@@ -249,13 +249,6 @@ class CompareConfig(_Strict):
                 "or privacy.arms to 'large'"
             )
         for kind in ("large", "small"):
-            unused = sorted(set(getattr(self, kind).learning_rate_by_epsilon) - set(self.privacy.epsilons))
-            if unused and self.privacy.covers(kind):
-                raise ValueError(
-                    f"{kind}.learning_rate_by_epsilon names ε={', '.join(f'{e:g}' for e in unused)}, which no private "
-                    f"run of this arm uses (they run at ε={', '.join(f'{e:g}' for e in self.privacy.epsilons)}): "
-                    "fix the key or add it to privacy.epsilon_sweep"
-                )
             aggregation = getattr(self, kind).aggregation
             if self.privacy.mode == "client-level" and self.privacy.covers(kind) and aggregation != "fedavg":
                 raise ValueError(
@@ -264,6 +257,23 @@ class CompareConfig(_Strict):
                     "or use privacy.mode 'sample-level'"
                 )
         return self
+
+    def unused_steps(self) -> list[str]:
+        """Return one note per arm whose learning_rate_by_epsilon names an ε that no private run of it uses.
+
+        Such steps are ignored, not refused: a preset (the private deployment's {1, 3, 8}) can then be
+        narrowed with a shorter privacy.epsilon_sweep, which merging cannot remove map keys for.
+        """
+        notes = []
+        for kind in ("large", "small"):
+            unused = sorted(set(getattr(self, kind).learning_rate_by_epsilon) - set(self.privacy.epsilons))
+            if unused and self.privacy.covers(kind):
+                notes.append(
+                    f"{kind}.learning_rate_by_epsilon: the steps for ε={', '.join(f'{e:g}' for e in unused)} are "
+                    f"unused (the private runs of this arm train at ε={', '.join(f'{e:g}' for e in self.privacy.epsilons)}); "
+                    "add an ε to privacy.epsilon_sweep to train at it"
+                )
+        return notes
 
 
 def state_dir() -> Path:

@@ -9,7 +9,8 @@ import json
 from typing import Any
 
 from flows.plots import data_uri, report_plots
-from flows.report import PRIVACY_EXPLAINED, READABLE_VERSIONS, format_cell, privacy_rows, summary_rows
+from flows.report import PRIVACY_EXPLAINED, READABLE_VERSIONS, privacy_rows, summary_rows
+from flows.tables import by_arm, federation_rows, format_cell, node_names, node_rows, round_rows
 from infra.checkpoints import report_key
 from infra.store import ObjectNotFound, Store
 
@@ -95,23 +96,27 @@ def to_html(report: dict[str, Any]) -> str:
         "</figcaption></figure>"
         for _, caption, png in report_plots(report)
     )
+    names = node_names(report)
     arms = "".join(
-        f"<h2>{html.escape(arm)}: {html.escape(s['model'])}</h2>"
-        + _html_table([{k: r.get(k) for k in _CSV_COLUMNS[2:]} for r in s["per_round"]])
+        f"<h2>{html.escape(arm)}: {html.escape(s['model'])} on nodes "
+        f"{html.escape(', '.join(names.get(int(n), str(n)) for n in s['nodes']))}</h2>"
+        + _html_table(round_rows(s)) + "<p>Per node, over all rounds:</p>" + _html_table(node_rows(s, names))
         for arm, s in report["arms"].items()
     )
     private = privacy_rows(report)
     privacy = (
         "<h2>Privacy</h2><p>" + html.escape(PRIVACY_EXPLAINED.replace("**", "").replace("`", "")) + "</p>"
-        + _html_table(private) if private else ""
+        + _html_table(by_arm(private)) if private else ""
     )
     title = f"federated-compare report {report['run_key']}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: right; }}
+table {{ border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; max-width: 100%; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: right; overflow-wrap: anywhere; }}
+th:first-child, td:first-child {{ text-align: left; }}
+img {{ max-width: 100%; height: auto; }}
 th {{ background: #f3f3f3; }}
 .recommendation {{ font-size: 1.15rem; padding: 0.75rem 1rem; background: #eef6ee; border-left: 4px solid #3a3; }}
 figure {{ display: inline-block; margin: 0 1rem 1rem 0; }}
@@ -124,10 +129,12 @@ target accuracy {report['target_accuracy']}; created {html.escape(report['create
 <p class="recommendation">{html.escape(recommendation['text'])}</p>
 <ul>{changes}</ul>
 <h2>Summary</h2>
-{_html_table(summary_rows(report))}
+{_html_table(by_arm(summary_rows(report)))}
 {privacy}
 {plots}
 {arms}
+<h2>Nodes</h2>
+{_html_table(federation_rows(report))}
 </body></html>
 """
 

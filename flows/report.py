@@ -8,6 +8,9 @@ from typing import Any
 import numpy as np
 
 from flows.decision import CostModel, price, recommend, round_costs, time_to_target
+from flows.tables import (
+    by_arm, federation_rows, format_cell, node_names, node_rows, round_rows, with_node_names,
+)
 
 REPORT_VERSION = 4  # 2: cost, time to target, recommendation; 3: privacy; 4: energy measured on the nodes
 READABLE_VERSIONS = (2, 3, 4)  # 3 and 4 only add keys; a report before 4 keeps its estimated energy and says so
@@ -306,7 +309,7 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "round reaching target": s["first_round_reaching_target"],
                 "$ to target": _round_or_none(s["time_to_target"]["usd"], 6),
                 "$ total": round(s["total_usd"], 6),
-                "kWh total": round(s["total_kwh"], 6),
+                "Wh total": round(s["total_kwh"] * 1000, 3),
                 "peak node MB": round(s["peak_rss_mb"], 1),
                 "DP ε spent": round(s["privacy"]["epsilon"], 3) if s.get("privacy") else None,
             }
@@ -374,15 +377,6 @@ def _round_or_none(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def format_cell(value: Any) -> str:
-    """Format one table cell: an em dash for None, 4 significant digits for floats."""
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _table(rows: list[dict[str, Any]]) -> str:
     """Render rows as a markdown table."""
     if not rows:
@@ -391,10 +385,6 @@ def _table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(format_cell(row[h]) for h in header) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-_ROUND_COLUMNS = ("round", "accuracy", "macro_f1", "nodes", "bytes", "seconds", "cpu_seconds", "gpu_seconds",
-                  "server_seconds", "usd", "cum_usd", "node_kwh", "server_kwh_estimate", "kwh", "cum_kg_co2")
 
 
 def _energy_explained(report: dict[str, Any]) -> str:
@@ -415,7 +405,7 @@ def _energy_explained(report: dict[str, Any]) -> str:
         f"of the machine's CPU time the process used.{seen} RAM counts about 5 W per memory module its memory "
         "fills, at least 10 W, for as long as the block runs; a GPU node adds its GPU's own energy counter "
         "(NVIDIA NVML, the whole board). The server does not measure: its aggregation and central evaluation "
-        f"are estimated at {cost['cpu_watts']} W per busy core (*server_kwh_estimate*). Energy is the sum, {factors}"
+        f"are estimated at {cost['cpu_watts']} W per busy core (included in each round's Wh). Energy is the sum, {factors}"
     )
     unmeasured = {arm: s["energy_unmeasured"] for arm, s in report["arms"].items() if s.get("energy_unmeasured")}
     if unmeasured:
@@ -430,6 +420,7 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
     target = report["target_accuracy"]
     recommendation = report["recommendation"]
     cost = report["config"].get("cost") or CostModel().model_dump()
+    names = node_names(report)
     parts = [
         "# federated-compare report",
         f"Run `{report['run_key']}` · dataset **{report['config']['data']['dataset']}** · "
@@ -442,7 +433,7 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
         *(f"- {change}" for change in recommendation["what_would_change"]),
         "",
         "## Summary",
-        _table(summary_rows(report)),
+        _table(by_arm(summary_rows(report))),
         "Accuracy and macro-F1 are measured on the central test set, which no node trains on. "
         "The *central reference* trains the same model on the pooled training data of the arm's nodes "
         "(a non-federated upper bound, possible only because this dataset is shared); the *gap* is "
@@ -458,26 +449,22 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
     ]
     private = privacy_rows(report)
     if private:
-        parts += ["## Privacy", PRIVACY_EXPLAINED, "", _table(private), ""]
+        parts += ["## Privacy", PRIVACY_EXPLAINED, "", _table(by_arm(private)), ""]
         for arm, s in report["arms"].items():
             if s.get("privacy") and s["privacy"]["refused"]:
                 parts += [f"Rounds that nodes of {arm} sat out because their privacy budget was spent:",
-                          _table(s["privacy"]["refused"]), ""]
+                          _table(with_node_names(s["privacy"]["refused"], names)), ""]
     for caption, url in (images or {}).items():
         parts += [f"![{caption}]({url})", ""]
     for arm, s in report["arms"].items():
-        rows = [{k: r.get(k) for k in _ROUND_COLUMNS} for r in s["per_round"]]
-        parts += [f"## {arm}: {s['model']} on nodes {', '.join(map(str, s['nodes']))}", _table(rows),
-                  f"Per node ({arm}), over all rounds:", _table(s["per_node"])]
+        on = ", ".join(names.get(int(n), str(n)) for n in s["nodes"])
+        parts += [f"## {arm}: {s['model']} on nodes {on}", _table(round_rows(s)),
+                  f"Per node ({arm}), over all rounds:", _table(node_rows(s, names))]
         if s["dropped"]:
             parts += ["Replies the rounds went on without (a node that died, hung, was rejected or sat out):",
-                      _table(s["dropped"])]
+                      _table(with_node_names(s["dropped"], names))]
         if s.get("discarded_rounds"):
             parts += ["Stored rounds that failed verification when the arm resumed, and were trained again:",
                       _table(s["discarded_rounds"])]
-    nodes = [
-        {k: n.get(k) for k in ("node_id", "tier", "device", "partition-id", "num-train", "num-test", "classes-seen")}
-        for n in report["federation"]["nodes"]
-    ]
-    parts += ["## Nodes", _table(nodes)]
+    parts += ["## Nodes", _table(federation_rows(report))]
     return "\n".join(parts)

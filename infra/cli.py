@@ -26,7 +26,7 @@ def _settings(args: argparse.Namespace) -> StackSettings:
     wanted = {
         key: value
         for key in ("prefect_port", "superlink_port", "node_base_port", "gpu_nodes", "cpu_nodes",
-                    "node_privacy_budget", "warm_workers", "superexec_poll_s", "reply_poll_s")
+                    "node_privacy_budget", "concurrency", "warm_workers", "superexec_poll_s", "reply_poll_s")
         if (value := getattr(args, key, None)) is not None
     }
     if existing and not wanted:
@@ -41,6 +41,17 @@ def _settings(args: argparse.Namespace) -> StackSettings:
 def _any_running(settings: StackSettings) -> bool:
     """Return whether any part of the stack runs."""
     return any(pid for _, _, pid in status(settings))
+
+
+def _positive_int(text: str) -> int:
+    """Parse a whole number of at least 1 for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -114,7 +125,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         uri = resolve_store_uri(CompareConfig())
     try:
         report = find_report(open_store(uri), args.run)
-    except (LookupError, StoreError) as exc:
+    except (LookupError, StoreError, ValueError) as exc:  # ValueError: a URI of another scheme
         raise StackError(str(exc)) from None
     console = Console()
     print_summary(report, console)
@@ -162,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="seconds between the Flower SuperExecs' polls for work (default 1.0; 0.01-60)")
         sub.add_argument("--reply-poll", type=float, metavar="SECONDS", dest="reply_poll_s",
                          help="seconds between the ServerApps' polls for the nodes' replies (default 0.5)")
+        sub.add_argument("--concurrency", type=_positive_int, metavar="N",
+                         help="comparisons the stack runs at once (the work pool's concurrency limit; default 1); "
+                         "further runs wait, Scheduled, for a free slot")
 
     sub = commands.add_parser("up", help="start the local stack in the background (idempotent)")
     stack_flags(sub)

@@ -56,6 +56,7 @@ class StackSettings:
     # seconds between a SuperExec's polls for work (Flower's FLWR_SUPEREXEC_TASK_POLL_INTERVAL, 0.01-60)
     superexec_poll_s: float = 1.0
     reply_poll_s: float = 0.5  # seconds between the ServerApp's polls for the nodes' replies
+    concurrency: int = 1  # comparisons (flow runs) at once: the work pool's limit and the worker's; others wait
     nodes: list[Node] = field(default_factory=list)
 
     @classmethod
@@ -178,7 +179,8 @@ def services(settings: StackSettings) -> list[Service]:
         ),
         Service(
             "prefect-worker",
-            [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process", "--limit", "1"],
+            [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
+             "--limit", str(settings.concurrency)],
             f"pool {WORK_POOL}",
             None,
         ),
@@ -376,8 +378,10 @@ def up(settings: StackSettings, *, echo=print) -> None:
     echo(f"prefect server   {settings.prefect_ui}")
 
     _prefect(settings, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
+    # the pool's own limit makes the setting visible in the UI (Work Pools) for every deployment on it
+    _prefect(settings, "work-pool", "set-concurrency-limit", WORK_POOL, str(settings.concurrency))
     _prefect(settings, "--no-prompt", "deploy", "--all")
-    echo(f"deployment       {DEPLOYMENT} (work pool {WORK_POOL})")
+    echo(f"deployment       {DEPLOYMENT} (work pool {WORK_POOL}, {settings.concurrency} comparison(s) at once)")
     _start(settings, by_name["prefect-worker"])
 
     link = by_name["superlink"]

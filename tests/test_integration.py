@@ -339,7 +339,7 @@ def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
     """Run headless Chromium with the flags this closed network needs."""
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--window-size=1400,2600", "--virtual-time-budget=20000"]
+             f"--user-data-dir={profile}", "--window-size=1200,2600", "--virtual-time-budget=20000"]
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=180)
 
 
@@ -373,6 +373,11 @@ def test_prefect_ui_shows_the_report_and_its_plots_in_a_real_browser(demo_run, t
     assert report["recommendation"]["text"].split(":")[0] in dom.stdout
     images = re.findall(r'<img[^>]+src="(data:image/png;base64,[^"]+)"', dom.stdout)
     assert len(images) == 2, "both plots are rendered as images in the artifact page"
+    summary = dom.stdout.split("Summary", 1)[-1].split("<h2", 1)[0]
+    assert not re.search(r"\d\.?\d*e[-+]\d", summary), "no exponent notation in the summary"
+    widest = max(len(re.findall(r"<th\b", table)) for table in re.findall(r"<table.*?</table>", dom.stdout, re.S))
+    assert widest <= 11, f"a table of {widest} columns does not fit 1,200 px"
+    assert not re.search(r"<th[^>]*>\s*\d{15,}\s*</th>", dom.stdout), "tables are headed by node names, not ids"
     assert shot.returncode == 0 and screenshot.stat().st_size > 20_000, shot.stderr[-2000:]
     print(f"screenshot of the report in the Prefect UI: {screenshot}")
 

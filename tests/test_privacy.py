@@ -236,13 +236,30 @@ def test_each_private_run_trains_with_the_learning_rate_of_its_epsilon():
     assert (row["optimizer"], row["learning rate"]) == ("sgd", 0.02), "the report names the step the private arm took"
 
 
-def test_a_learning_rate_for_an_epsilon_no_run_uses_is_refused():
-    with pytest.raises(ValueError, match=r"large.learning_rate_by_epsilon names ε=2, which no private run of this arm "
-                                         r"uses \(they run at ε=1, 8\)"):
-        CompareConfig.model_validate({
-            "large": {"model": "cnn", "learning_rate": 0.1, "learning_rate_by_epsilon": {2: 0.02}},
-            "small": {"model": "torch-logreg", "learning_rate": 0.01},
-            "privacy": {"mode": "sample-level", "epsilon_sweep": [1, 8]}})
+def test_a_learning_rate_for_an_epsilon_no_run_uses_is_noted_not_refused():
+    config = CompareConfig.model_validate({
+        "large": {"model": "cnn", "learning_rate": 0.1, "learning_rate_by_epsilon": {2: 0.02, 8: 0.1}},
+        "small": {"model": "torch-logreg", "learning_rate": 0.01},
+        "privacy": {"mode": "sample-level", "epsilon_sweep": [1, 8]}})
+
+    assert config.unused_steps() == [
+        "large.learning_rate_by_epsilon: the steps for ε=2 are unused (the private runs of this arm train at "
+        "ε=1, 8); add an ε to privacy.epsilon_sweep to train at it"]
+    assert config.large.learning_rate_at(1.0) == 0.1 and config.large.learning_rate_at(8.0) == 0.1
+
+
+def test_the_private_preset_can_be_narrowed_to_fewer_epsilons():
+    from flows.compare import plan_variants
+    from flows.config import deployment_config, parse_overrides
+
+    overrides = parse_overrides('{"privacy": {"epsilon_sweep": [3, 8]}}', base=deployment_config("private"))
+    config = CompareConfig.model_validate(overrides)
+
+    assert [v.name for group in plan_variants(config) for v in group if v.epsilon] == [
+        "large-eps3", "small-eps3", "large-eps8", "small-eps8"]
+    assert [note.split(":")[0] for note in config.unused_steps()] == ["large.learning_rate_by_epsilon"]
+    assert "ε=1 are unused" in config.unused_steps()[0]
+    assert config.large.learning_rate_at(3.0) == 0.1
     with pytest.raises(ValueError, match="learning rate in"):
         CompareConfig.model_validate({"large": {"model": "cnn", "learning_rate": 0.1,
                                                 "learning_rate_by_epsilon": {1: 0}}})

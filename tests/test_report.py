@@ -1,5 +1,7 @@
 """Report arithmetic on hand-made rounds."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -70,7 +72,7 @@ def test_markdown_and_rows_show_every_arm():
 
     assert [r["arm"] for r in rows] == ["large", "small"]
     assert rows[0]["round reaching target"] == 1 and rows[1]["round reaching target"] is None
-    assert "| large | cnn |" in markdown and "## small" in markdown
+    assert "|  | large | small |" in markdown and "| model | cnn | cnn |" in markdown and "## small" in markdown
     assert report["recommendation"]["choice"] == "large"  # the only arm reaching 0.9
     assert report["recommendation"]["text"] in markdown
     assert "![accuracy per round](data:image/png;base64,AAAA)" in markdown
@@ -223,3 +225,29 @@ def test_only_private_arms_within_target_are_recommended_and_privacy_costs_are_s
     alone = build_report(run_key="k", target_accuracy=0.9, arms={"large-eps8": over}, federation={"nodes": []},
                          versions={}, config={"privacy": {"mode": "sample-level"}})
     assert alone["recommendation"]["choice"] is None, "an arm over its ε target is never recommended"
+
+
+def test_tables_show_units_rounded_numbers_and_node_names_never_exponents():
+    from flows.tables import format_number
+
+    rounds = [_round(1, 0.9123456)]
+    rounds[0]["nodes"][0]["node_id"] = 7301846622130012345
+    arm = summarize_arm("large", rounds, nodes=[7301846622130012345], parameters=1_270_000, model_bytes=20,
+                        wall_seconds=1.0, reference=None, target_accuracy=0.9)
+    federation = {"nodes": [{"node_id": 7301846622130012345, "tier": "gpu", "device": "cpu", "partition-id": 0,
+                             "num-partitions": 4, "data-source": "partition", "num-train": 850, "num-test": 150,
+                             "classes-seen": 10}]}
+    report = build_report(run_key="k", target_accuracy=0.9, arms={"large": arm}, federation=federation,
+                          versions={}, config={"data": {"dataset": "mnist", "partitioning": "iid"},
+                                               "assignment": "all-nodes"})
+
+    markdown = render_markdown(report)
+
+    assert [format_number(v) for v in (2.946e-05, 0.9123456, 12.345, 1234.5, 1_270_000, 0.0, 3.0)] == [
+        "0.0000295", "0.912", "12.3", "1,234", "1,270,000", "0", "3"]
+    assert not re.search(r"\d[eE][-+]?\d", markdown.split("## Privacy")[0]), "no exponent notation anywhere"
+    assert "## large: cnn on nodes gpu-0" in markdown and "| gpu-0 |" in markdown
+    assert "7301846622130012345" not in markdown.split("## Nodes")[0], "node ids only in the Nodes table"
+    for header in ("| node CPU s |", "| $ |", "| Wh |", "| MB sent |", "| Wh total |"):
+        assert header in markdown
+    assert "cpu_seconds" not in markdown

@@ -29,3 +29,28 @@ def test_readiness_reads_only_what_the_current_process_logged(tmp_path, monkeypa
     finally:
         assert down(settings) == ["prefect-worker"]
     assert running_pid(settings, service.name) is None
+
+
+def test_concurrency_is_a_stack_setting_that_sets_the_workers_limit(tmp_path):
+    from infra.cli import _parser, _settings
+    from infra.stack import services
+
+    args = _parser().parse_args(["--state-dir", str(tmp_path), "up", "--concurrency", "2"])
+    settings = _settings(args)
+    settings.save()
+
+    worker = next(s for s in services(settings) if s.name == "prefect-worker")
+    assert worker.command[worker.command.index("--limit") + 1] == "2"
+    assert StackSettings.load(tmp_path).concurrency == 2, "kept in stack.json"
+
+
+def test_a_concurrency_below_one_is_refused_in_one_line(tmp_path, capsys):
+    import pytest
+
+    from infra.cli import _parser
+
+    with pytest.raises(SystemExit) as exited:
+        _parser().parse_args(["up", "--concurrency", "0"])
+
+    assert exited.value.code == 2
+    assert "expected a whole number of at least 1, got '0'" in capsys.readouterr().err

@@ -1,0 +1,115 @@
+"""The report's tables as a reader sees them: units (s, MB, $, Wh, g), sensible rounding, nodes by name.
+
+Plain functions over the report dict (no Prefect), shared by the markdown artifact and the HTML
+export. Numbers never show in exponent notation, and wide tables are turned so that each arm is
+a column, which keeps them within 1,200 px.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+_SIGNIFICANT = 3  # the timings, bytes and energies are measured to about 1%; accuracies on a few hundred examples
+
+
+def format_number(value: float) -> str:
+    """Format a number for a person: no exponent, thousands separated, 3 significant digits below 100."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(value)))
+    if magnitude >= _SIGNIFICANT - 1:
+        return f"{value:,.0f}"
+    text = f"{value:.{_SIGNIFICANT - 1 - magnitude}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def format_cell(value: Any) -> str:
+    """Format one table cell: an em dash for None, numbers as ``format_number``, lists joined by commas."""
+    if value is None:
+        return "—"
+    if isinstance(value, (int, float)):
+        return format_number(value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_cell(v) for v in value)
+    return str(value)
+
+
+def node_names(report: dict[str, Any]) -> dict[int, str]:
+    """Return a name a person recognises for every node id: tier and partition (gpu-0), or tier and its data file."""
+    names = {}
+    for node in report.get("federation", {}).get("nodes", []):
+        own = node.get("data-source") == "node-file"
+        names[int(node["node_id"])] = (f"{node['tier']} {node.get('data-id', '')}" if own
+                                       else f"{node['tier']}-{node['partition-id']}")
+    return names
+
+
+def node_name(names: dict[int, str], node_id: Any) -> str:
+    """Return the name of ``node_id``, or the id itself for a node the federation did not list."""
+    try:
+        return names.get(int(node_id), str(node_id))
+    except (TypeError, ValueError):
+        return str(node_id)
+
+
+def round_rows(arm: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return one row per round of an arm, in the units a reader expects."""
+    return [{
+        "round": r["round"],
+        "accuracy": r["accuracy"],
+        "macro-F1": r["macro_f1"],
+        "MB sent": r["bytes"] / 1e6,
+        "wall s": r["seconds"],
+        "node CPU s": r.get("cpu_seconds"),
+        "GPU s": r.get("gpu_seconds"),
+        "server s": r.get("server_seconds"),
+        "$": r.get("usd"),
+        "Wh": None if r.get("kwh") is None else r["kwh"] * 1000,
+        "g CO2": None if r.get("kg_co2") is None else r["kg_co2"] * 1000,
+    } for r in arm["per_round"]]
+
+
+def node_rows(arm: dict[str, Any], names: dict[int, str]) -> list[dict[str, Any]]:
+    """Return one row per node of an arm, over all its rounds, named and in units."""
+    return [{
+        "node": node_name(names, n["node_id"]),
+        "device": "GPU" if n["on_gpu"] else "CPU",
+        "rounds": n["rounds"],
+        "train s": n["train_seconds"],
+        "CPU s": n["train_cpu_seconds"] + n["evaluate_cpu_seconds"],
+        "peak MB": n["peak_rss_mb"],
+        "MB sent": (n["bytes_down"] + n["bytes_up"]) / 1e6,
+        "Wh": None if n.get("kwh") is None else n["kwh"] * 1000,
+        "$": n.get("usd"),
+        "CPU energy": n.get("cpu_energy_method"),
+    } for n in arm["per_node"]]
+
+
+def federation_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return one row per node that answered: its name, tier, device, data and Flower node id."""
+    names = node_names(report)
+    return [{
+        "node": node_name(names, n["node_id"]), "tier": n.get("tier"), "device": n.get("device"),
+        "train examples": n.get("num-train"), "test examples": n.get("num-test"), "classes": n.get("classes-seen"),
+        "Flower node id": str(n["node_id"]),
+    } for n in report.get("federation", {}).get("nodes", [])]
+
+
+def with_node_names(rows: list[dict[str, Any]], names: dict[int, str]) -> list[dict[str, Any]]:
+    """Return ``rows`` with their ``node_id`` column replaced by a ``node`` name."""
+    return [{("node" if k == "node_id" else k): (node_name(names, v) if k == "node_id" else v)
+             for k, v in row.items()} for row in rows]
+
+
+def by_arm(rows: list[dict[str, Any]], key: str = "arm") -> list[dict[str, Any]]:
+    """Turn one-row-per-arm into one row per measure with a column per arm (narrow enough for a screen)."""
+    if not rows:
+        return []
+    return [{"": measure, **{str(row[key]): row[measure] for row in rows}} for measure in rows[0] if measure != key]
