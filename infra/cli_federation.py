@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import socket
 import ssl
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from infra import certs
 from infra import federation as fed
 from infra._foreground import run_foreground as _run_foreground
 from infra.federation import FederationError
+from infra.stack import warm_worker_socket
 
 _DEFAULT_STATE = ".fedcompare"
 
@@ -78,6 +81,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                      "host (default 9094)")
     sub.add_argument("--privacy-budget", type=float, metavar="EPSILON", help="lifetime ε that DP-SGD may "
                      "spend on this node's data over all runs (default: no limit; the ledger is kept anyway)")
+    sub.add_argument("--warm-worker", action=argparse.BooleanOptionalAction, default=True,
+                     help="start a warm worker beside the SuperNode that keeps torch, scikit-learn and this "
+                     "node's data loaded between Flower messages (default: on)")
     sub.add_argument("--state-dir", default=argparse.SUPPRESS, help="Flower's state goes to STATE_DIR/flwr and "
                      f"the node's privacy ledger to STATE_DIR/privacy-ledger.json {state}")
     sub.set_defaults(func=_cmd_node_start)
@@ -232,9 +238,11 @@ def _cmd_node_start(args: argparse.Namespace) -> int:
     hardware = fed.resolve_hardware(args.tier, args.device, _detect_gpu() if args.device != "cpu" else None)
     data_format = info.data_format if info.data_format in fed.DATA_FORMATS else args.data_format
     state = _state_dir(args)
+    socket_path = warm_worker_socket(state / "node") if args.warm_worker else None
     config = fed.node_config(data_path=info.path, data_format=data_format, tier=hardware.tier,
                              device=hardware.device, label_column=args.label_column if data_format == "csv" else None,
-                             privacy_ledger=state / "privacy-ledger.json", privacy_budget=args.privacy_budget)
+                             privacy_ledger=state / "privacy-ledger.json", privacy_budget=args.privacy_budget,
+                             worker_socket=socket_path)
     command = fed.supernode_command(superlink=args.superlink, root_certificates=root, auth_key=key,
                                     insecure=args.insecure, host=args.host, port=args.port, node_config=config)
     if _listening(fed.local_address(args.host, args.port)):
@@ -257,8 +265,37 @@ def _cmd_node_start(args: argparse.Namespace) -> int:
         if match := re.search(r"SuperNode ID: (\d+)", line):
             print(f"node joined the SuperLink at {args.superlink} as Flower node {match.group(1)}", flush=True)
 
-    return _run_foreground("node", command, fed.flower_env(state / "flwr" / "node"), on_line=joined,
-                           explain=fed.explain_refusal)
+    env = fed.flower_env(state / "flwr" / "node")
+    worker = _start_warm_worker(socket_path, env) if socket_path else None
+    try:
+        return _run_foreground("node", command, env, on_line=joined, explain=fed.explain_refusal)
+    finally:
+        if worker is not None:
+            _stop_group(worker)
+
+
+def _start_warm_worker(socket_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start the node's warm worker (clients/_warm.py) in its own process group, logging to a file beside it.
+
+    Messages that arrive before it listens (it imports torch first) are answered in the ClientApp's process.
+    """
+    socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_path = socket_path.with_name("worker.log")
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "clients._warm", "--socket", str(socket_path)],
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                   start_new_session=True)
+    print(f"warm worker: {socket_path} (log {log_path})", flush=True)
+    return process
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """Kill ``process``'s whole group (its forkserver and workers) and reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait(timeout=30)
 
 
 def _cmd_node_register(args: argparse.Namespace) -> int:

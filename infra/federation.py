@@ -196,12 +196,13 @@ def _config_value(key: str, value: str | float) -> str:
 
 def node_config(*, data_path: str | Path, data_format: str, tier: str, device: str,
                 label_column: str | None = None, privacy_ledger: str | Path | None = None,
-                privacy_budget: float | None = None) -> str:
+                privacy_budget: float | None = None, worker_socket: str | Path | None = None) -> str:
     """Return the SuperNode's --node-config string with the keys the ClientApp reads.
 
     Args: data_path: the node's data file or image folder (made absolute); data_format:
         auto|csv|npz|image-folder; tier: gpu|cpu; device: auto|cpu|cuda; label_column: the CSV label
-        column (omitted if None); privacy_ledger: file of ε spent on this data; privacy_budget: lifetime ε.
+        column (omitted if None); privacy_ledger: file of ε spent on this data; privacy_budget: lifetime ε;
+        worker_socket: the Unix socket of the node's warm worker (omitted if None).
     Returns: space-separated key="value" pairs.
     Raises: FederationError for a value outside its choices or one Flower cannot parse.
     """
@@ -219,6 +220,8 @@ def node_config(*, data_path: str | Path, data_format: str, tier: str, device: s
         if privacy_budget <= 0:
             raise FederationError(f"expected a privacy budget ε > 0, got {privacy_budget}")
         pairs["privacy-budget"] = float(privacy_budget)
+    if worker_socket is not None:
+        pairs["worker-socket"] = str(worker_socket)
     return " ".join(f"{key}={_config_value(key, value)}" for key, value in pairs.items())
 
 
