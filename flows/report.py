@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from flows.decision import CostModel, price, recommend, round_costs, time_to_target
+from flows.deployment import add_serving, render_section
 
 REPORT_VERSION = 4  # 2: cost, time to target, recommendation; 3: privacy; 4: energy measured on the nodes
 READABLE_VERSIONS = (2, 3, 4)  # 3 and 4 only add keys; a report before 4 keeps its estimated energy and says so
@@ -269,7 +270,7 @@ def build_report(
         "target_accuracy": target_accuracy,
         "federation": federation,
         "arms": arms,
-        "recommendation": recommend(arms, target_accuracy, privacy_ok=privacy_ok),
+        "recommendation": add_serving(recommend(arms, target_accuracy, privacy_ok=privacy_ok), arms),
     }
 
 
@@ -454,6 +455,7 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
             if s.get("privacy") and s["privacy"]["refused"]:
                 parts += [f"Rounds that nodes of {arm} sat out because their privacy budget was spent:",
                           _table(s["privacy"]["refused"]), ""]
+    parts += render_section(report)  # the accuracy-against-latency plot is among the images below
     for caption, url in (images or {}).items():
         parts += [f"![{caption}]({url})", ""]
     for arm, s in report["arms"].items():
