@@ -91,7 +91,7 @@ def serving_sentences(arms: dict[str, dict[str, Any]], recommendation: dict[str,
     choice = recommendation.get("choice")
     if choice not in deployed:
         listed = "; ".join(f"the {n} model serves at {_usd(d['serving_usd'])} ({d['serving_variant']}, "
-                           f"{_usd(d['variants'][d['serving_variant']]['usd_per_million_predictions'])} per million)"
+                           f"{_usd(d['variants'][d['serving_variant']]['usd_per_million_predictions'])} per million predictions)"
                            for n, d in deployed.items())
         return f"Serving over the horizon: {listed}.", []
     d = deployed[choice]

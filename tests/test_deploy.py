@@ -178,6 +178,32 @@ def test_no_volume_changes_the_choice_when_it_is_cheaper_to_train_and_to_serve()
     assert not any("predictions a month" in c for c in changes)
 
 
+def test_the_report_shows_a_deployment_section_a_latency_plot_and_total_cost_in_markdown_and_html():
+    from flows.export import to_html
+    from flows.plots import report_plots
+    from flows.report import build_report, render_markdown, summarize_arm
+    from tests.test_report import _round
+
+    arms = {}
+    for arm, accuracy, throughput in (("large", 0.95, 1000.0), ("small", 0.92, 50000.0)):
+        summary = summarize_arm(arm, [_round(1, accuracy)], nodes=[1], parameters=5, model_bytes=20, wall_seconds=1.0,
+                                reference=None, target_accuracy=0.9)
+        priced = price_deployment(_document({"fp32": throughput, "int8": 2 * throughput}, {"fp32": 0.95, "int8": 0.95}),
+                                  training_usd=summary["total_usd"], settings=DeploymentConfig(), cost=CostModel())
+        arms[arm] = {**summary, "deployment": priced, "serving_usd": priced["serving_usd"],
+                     "total_cost_usd": priced["total_cost_usd"]}
+    report = build_report(run_key="r", config=CompareConfig().model_dump(mode="json"), federation={"nodes": []},
+                          arms=arms, target_accuracy=0.9, versions={})
+
+    markdown, page = render_markdown(report), to_html(report)
+
+    assert report["recommendation"]["choice"] == "small"  # same training cost, 50 times cheaper to serve
+    assert "Serving it as int8" in report["recommendation"]["text"]
+    assert "## Deployment" in markdown and "int8 (priced)" in markdown and "$ / M predictions" in markdown
+    assert "<h2>Deployment</h2>" in page and "int8 (priced)" in page
+    assert "deployment" in [name for name, _, png in report_plots(report) if png.startswith(b"\x89PNG")]
+
+
 def test_compare_config_carries_the_deployment_settings_and_rejects_unknown_keys():
     config = CompareConfig.model_validate({"deployment": {"predictions_per_month": 5e6, "months": 6}})
 
