@@ -38,6 +38,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from infra.store import StoreError, open_store
 
     uri = args.store or _default_store(args)
+    _require_free(args.host, args.port)
     try:
         store = open_store(uri)
         run_key = latest_deployed_run(store, args.arm) if args.run == "latest" else args.run
@@ -47,12 +48,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     entry = loaded.document["variants"][args.variant]
     print(f"serving {args.arm} ({loaded.document['model']}, {args.variant}, {entry['bytes']} bytes, sha256 "
           f"{entry['sha256'][:12]}… verified) of run {run_key} at http://{args.host}:{args.port}", flush=True)
-    try:
-        serve(loaded, host=args.host, port=args.port)
-    except OSError as exc:
-        raise StackError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}): choose another --port") \
-            from None
+    serve(loaded, host=args.host, port=args.port)
     return 0
+
+
+def _require_free(host: str, port: int) -> None:
+    """Raise StackError in one line when host:port cannot be listened on (uvicorn would log several)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StackError(f"cannot listen on {host}:{port} ({exc.strerror}): stop what uses it or choose "
+                             "another --port") from None
 
 
 def _default_store(args: argparse.Namespace) -> str:
