@@ -7,7 +7,8 @@ it (``clients.export``), and measures every variant with onnxruntime on the CPU:
 - accuracy on the test set, again for each variant;
 - latency at batch 1 (MLPerf single-stream style): ``warmup`` queries untimed, then
   ``queries`` timed one by one; p50, p90, p99 in milliseconds;
-- throughput at batch ``batch`` (64): examples per second over ``batches`` batches;
+- throughput at batch ``batch`` (64): examples per second in the fastest of three windows of
+  ``batches`` / 3 batches (a shared machine's other programs only ever slow a window down);
 - load time of a fresh process (importing onnxruntime, reading the file, building the
   session, the first answer; the Python interpreter's own start is not counted) and the
   peak RSS of that process, which imports nothing but numpy and onnxruntime;
