@@ -26,6 +26,7 @@ VARIANT_MEANING = {
     "int8": "static QDQ int8 quantization, calibrated",
     "fp16": "float16 weights and compute",
 }
+_ORDER = ("fp32", "int8", "fp16")  # the report's row order (deploy.json's keys come back sorted)
 _FIGURES = ("bytes", "accuracy", "max_abs_diff", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99",
             "throughput_per_s", "load_seconds", "peak_rss_mb")
 
@@ -142,11 +143,12 @@ def deployment_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         d = s.get("deployment")
         if not d:
             continue
-        for name, v in d["variants"].items():
+        for name in sorted(d["variants"], key=lambda n: _ORDER.index(n) if n in _ORDER else len(_ORDER)):
+            v = d["variants"][name]
             rows.append({
                 "arm": arm, "model": s["model"], "variant": name + (" (priced)" if name == d["serving_variant"] else ""),
                 "MB": round(v["bytes"] / 1e6, 3), "accuracy": round(v["accuracy"], 4),
-                "max |Δp| vs framework": v["max_abs_diff"], "p50 ms": round(v["latency_ms_p50"], 3),
+                "max Δp vs framework": v["max_abs_diff"], "p50 ms": round(v["latency_ms_p50"], 3),
                 "p90 ms": round(v["latency_ms_p90"], 3), "p99 ms": round(v["latency_ms_p99"], 3),
                 "batch-64 / s": round(v["throughput_per_s"], 1), "load s": round(v["load_seconds"], 3),
                 "peak RSS MB": round(v["peak_rss_mb"], 1),
@@ -174,7 +176,7 @@ def deployment_explained(report: dict[str, Any]) -> str:
         "its input scaling inside the graph and served by onnxruntime on this machine's CPU with "
         f"{d['threads']} threads. Variants: " + "; ".join(f"*{k}* — {m}" for k, m in VARIANT_MEANING.items()) +
         f". int8 calibration: {d['calibration']}. Accuracy is each variant's own, on the central test set; "
-        "*max |Δp|* is the largest difference of a class probability from the framework's. Latency: batch 1, "
+        "*max Δp* is the largest difference of a class probability from the framework's. Latency: batch 1, "
         "one query at a time after a warm-up; throughput: batches of 64; load s and peak RSS: a fresh serving "
         "process. A replica is priced as its vCPUs and peak memory for the hours its throughput needs "
         f"(`CompareConfig.cost`, `CompareConfig.deployment`: {_count(d['predictions_per_month'])} predictions a "
