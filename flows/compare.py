@@ -23,6 +23,7 @@ from clients.data import load_dataset
 from clients.models import TORCH_MODELS, estimate_training_memory_bytes, resolve_large_model
 from flows.assignment import assign_nodes, node_table
 from flows.config import BUILTIN_DATASETS, CompareConfig, resolve_store_uri, resolve_superlink
+from flows.deployment import calibration_source, deploy_arm, deployment_data, price_deployment
 from flows.flower import FlowerError, run_log, run_status, stop_run, submit_run
 from flows.plots import data_uri, report_plots
 from flows.report import build_report, model_size, render_markdown, summarize_arm, summary_rows
@@ -340,10 +341,44 @@ def _versions() -> dict[str, str]:
     return found
 
 
+@task(name="deploy", task_run_name="deploy-{arm}")
+def deploy(arm: str, config: CompareConfig, run_key: str, store_uri: str, partition_ids: list[int] | None,
+           num_partitions: int, private: bool) -> dict[str, Any]:
+    """Export the arm's final model to ONNX, compress and measure it, and store the variants with deploy.json.
+
+    ``partition_ids`` None: the nodes' data cannot be pooled (no int8 calibration data).
+    """
+    dataset = load_dataset(config.data.dataset, label_column=config.data.label_column)
+    test, calibration = deployment_data(dataset, partition_ids=partition_ids, num_partitions=num_partitions,
+                                        private=private, examples=config.deployment.calibration_examples,
+                                        data_kwargs=_data_kwargs(config))
+    document = deploy_arm(open_store(store_uri), run_key, arm, dataset=dataset, test=test, calibration_x=calibration,
+                          calibration=calibration_source(private=private, pooled=partition_ids is not None),
+                          settings=config.deployment)
+    for name, v in document["variants"].items():
+        get_run_logger().info("%s %s: %d bytes, accuracy %.4f, p50 %.3f ms, %.0f/s at batch 64", arm, name,
+                              v["bytes"], v["accuracy"], v["latency_ms_p50"], v["throughput_per_s"])
+    return document
+
+
+def _deploy_all(config: CompareConfig, run_key: str, store_uri: str, nodes: list[dict[str, Any]],
+                assignment: dict[str, list[int]], variants: list[Variant]) -> dict[str, dict[str, Any]]:
+    """Deploy every arm's final model, one after another (each measurement wants the CPU to itself)."""
+    if not config.deployment.enabled:
+        return {}
+    pooled = not any(n.get("data-source") == "node-file" for n in nodes)
+    partitions = {n["node_id"]: n["partition-id"] for n in nodes}
+    return {v.name: deploy(v.name, config, run_key, store_uri,
+                           sorted(partitions[n] for n in assignment[v.kind]) if pooled else None,
+                           nodes[0]["num-partitions"], v.epsilon is not None)
+            for v in variants}
+
+
 @task(name="publish-report")
 def publish_report(config: CompareConfig, run_key: str, store_uri: str, federation: dict[str, Any],
                    assignment: dict[str, list[int]], arms: dict[str, dict[str, Any]],
-                   references: dict[str, dict[str, float]]) -> dict[str, Any]:
+                   references: dict[str, dict[str, float]],
+                   deployments: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Build the report from the store, write report.json, and publish markdown and table artifacts."""
     store = open_store(store_uri)
     summaries = {}
@@ -359,6 +394,11 @@ def publish_report(config: CompareConfig, run_key: str, store_uri: str, federati
             "kind": result["kind"],
             "flower_run_id": result["flower_run_id"],
         }
+        if arm in (deployments or {}):
+            priced = price_deployment(deployments[arm], training_usd=summaries[arm]["total_usd"],
+                                      settings=config.deployment, cost=config.cost)
+            summaries[arm].update(deployment=priced, serving_usd=priced["serving_usd"],
+                                  total_cost_usd=priced["total_cost_usd"])
     report = build_report(run_key=run_key, config=config.model_dump(mode="json"), federation=federation,
                           arms=summaries, target_accuracy=config.target_accuracy, versions=_versions())
     store.put_json(report_key(run_key), report)
@@ -457,5 +497,6 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
         arms.update({v.name: {**futures[v.name].result(), "kind": v.kind} for v in group})
 
     references = _references(config, models, federation["nodes"], assignment, variants)
-    report = publish_report(config, run_key, store_uri, federation, assignment, arms, references)
+    deployments = _deploy_all(config, run_key, store_uri, federation["nodes"], assignment, variants)
+    report = publish_report(config, run_key, store_uri, federation, assignment, arms, references, deployments)
     return {"run_key": run_key, "summary": summary_rows(report)}

@@ -161,6 +161,31 @@ class PrivacyConfig(_Strict):
         return self.mode != "none" and self.arms in ("both", kind)
 
 
+class DeploymentConfig(_Strict):
+    """What serving each arm's final model looks like: the volume to price and how inference is measured."""
+
+    # export, compress (fp32, int8, fp16) and measure each arm's final model after training
+    enabled: bool = True
+    # predictions served per month, to price serving (the default: about 4 a second around the clock)
+    predictions_per_month: float = Field(10_000_000.0, ge=0.0, le=1e15)
+    # months of service the serving cost covers; total cost = training + serving over these months
+    months: float = Field(12.0, gt=0.0, le=120.0)
+    # replicas billed around the clock however few predictions come (0: bill only the busy time, as on a
+    # shared or serverless pool)
+    min_replicas: int = Field(0, ge=0, le=1000)
+    # largest accuracy drop from fp32 that a compressed variant may have and still be what an arm is priced at
+    max_accuracy_drop: float = Field(0.005, ge=0.0, le=1.0)
+    # onnxruntime threads of a serving replica: the vCPUs its price counts
+    threads: int = Field(2, ge=1, le=256)
+    # timed batch-1 queries of the latency measurement, after warmup_queries untimed ones
+    latency_queries: int = Field(300, ge=10, le=100_000)
+    warmup_queries: int = Field(30, ge=0, le=10_000)
+    # timed batches of 64 of the throughput measurement
+    throughput_batches: int = Field(30, ge=1, le=10_000)
+    # examples of static int8 calibration (from the arms' pooled training data, see README: Deployment)
+    calibration_examples: int = Field(256, ge=1, le=10_000)
+
+
 LARGE_MODELS = ("auto", "cnn", "cnn-dp", "mlp")
 SMALL_MODELS = ("logreg", "torch-logreg")
 
@@ -205,6 +230,8 @@ class CompareConfig(_Strict):
     arm_retries: int = Field(1, ge=0, le=10)
     # differential privacy (off by default; the federated-compare/private deployment sweeps ε)
     privacy: PrivacyConfig = PrivacyConfig()
+    # serving each arm's final model: export, compression, inference measurements and their price
+    deployment: DeploymentConfig = DeploymentConfig()
 
     @field_validator("resume_from")
     @classmethod

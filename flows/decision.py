@@ -46,6 +46,11 @@ class CostModel(BaseModel):
     # Data-centre power usage effectiveness (facility power / IT power); 1.0 counts the devices only and
     # ignores cooling. Uptime Institute Global Data Center Survey 2023 reports an average of 1.58.
     pue: float = Field(1.0, ge=1.0)
+    # Serving (flows/deployment.py prices a replica as its vCPUs plus its peak memory, for the hours its
+    # measured throughput needs): USD per vCPU-hour, AWS Fargate Linux/x86 on-demand us-east-1 list price, 2025.
+    serving_vcpu_hour_usd: float = Field(0.04048, ge=0)
+    # USD per GB-hour of a serving replica's memory: AWS Fargate Linux/x86 on-demand us-east-1 list price, 2025.
+    serving_gb_hour_usd: float = Field(0.004445, ge=0)
 
 
 def _check_round_row(index: int, row: dict) -> None:
@@ -203,15 +208,15 @@ def _check_arms(arms: dict[str, dict], target: float, privacy_ok: dict[str, bool
 
 
 def _rank_key(arm: dict) -> tuple:
-    """Order candidates: cheapest to reach the target, then cheapest overall, then fewest rounds."""
+    """Order candidates: cheapest to reach the target (plus serving, where priced), then overall, then fewest rounds."""
     ttt = arm["time_to_target"]
-    return ttt["usd"], arm["total_usd"], ttt["round"]
+    return ttt["usd"] + arm.get("serving_usd", 0.0), arm["total_usd"], ttt["round"]
 
 
 def _tie_reason(choice: dict, others: list[dict]) -> str:
     """Say which rule picked `choice` over the other candidates."""
-    if all(o["time_to_target"]["usd"] > choice["time_to_target"]["usd"] for o in others):
-        return "lowest cost to reach the target"
+    if all(_rank_key(o)[0] > _rank_key(choice)[0] for o in others):
+        return "lowest cost to reach the target" + (" plus serving" if "serving_usd" in choice else "")
     if all(_rank_key(o)[:2] > _rank_key(choice)[:2] for o in others):
         return "tied on cost to reach the target; lowest total cost"
     if all(_rank_key(o) > _rank_key(choice) for o in others):
@@ -329,7 +334,8 @@ def recommend(arms: dict[str, dict], target: float, *, privacy_ok: dict[str, boo
 
     Args:
         arms: arm name -> {"model", "final_accuracy", "best_accuracy", "time_to_target" (the output
-            of `time_to_target` for `target`), "total_usd"}.
+            of `time_to_target` for `target`), "total_usd"}, and optionally "serving_usd" (the arm's
+            serving cost over the deployment horizon), which is added to its cost to reach the target.
         target: the accuracy an arm must reach to qualify.
         privacy_ok: arm name -> whether the arm meets the privacy requirement; an arm mapped to
             False never qualifies, an arm left out is allowed.

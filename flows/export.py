@@ -8,6 +8,7 @@ import io
 import json
 from typing import Any
 
+from flows.deployment import deployment_explained, deployment_rows, total_rows
 from flows.plots import data_uri, report_plots
 from flows.report import PRIVACY_EXPLAINED, READABLE_VERSIONS, privacy_rows, summary_rows
 from flows.tables import by_arm, federation_rows, format_cell, node_names, node_rows, round_rows
@@ -109,6 +110,7 @@ def to_html(report: dict[str, Any]) -> str:
         + _html_table(by_arm(private)) if private else ""
     )
     title = f"federated-compare report {report['run_key']}"
+    deployment = _html_deployment(report)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -131,12 +133,39 @@ target accuracy {report['target_accuracy']}; created {html.escape(report['create
 <h2>Summary</h2>
 {_html_table(by_arm(summary_rows(report)))}
 {privacy}
+{deployment}
 {plots}
 {arms}
 <h2>Nodes</h2>
 {_html_table(federation_rows(report))}
 </body></html>
 """
+
+
+def _html_deployment(report: dict[str, Any]) -> str:
+    """Return the Deployment section as HTML (empty when no arm was deployed); its plot is among the figures."""
+    rows = deployment_rows(report)
+    if not rows:
+        return ""
+    text = html.escape(deployment_explained(report).replace("*", "").replace("`", ""))
+    return f"<h2>Deployment</h2><p>{text}</p>{_html_table(rows)}{_html_table(total_rows(report))}"
+
+
+def print_deployment(report: dict[str, Any], console) -> None:
+    """Print one row per arm and variant of the Deployment section with ``rich`` (nothing when none was deployed)."""
+    from rich.table import Table
+
+    rows = deployment_rows(report)
+    if not rows:
+        return
+    table = Table(title="deployment (onnxruntime, CPU)")
+    columns = ("arm", "variant", "MB", "accuracy", "p50 ms", "p99 ms", "batch-64 / s", "peak RSS MB",
+               "$ / M predictions", "$ serving")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("arm", "variant") else "right")
+    for row in rows:
+        table.add_row(*(format_cell(row[c]) for c in columns))
+    console.print(table)
 
 
 def print_summary(report: dict[str, Any], console) -> None:

@@ -114,6 +114,28 @@ def accuracy_vs_epsilon(arms: dict[str, dict[str, Any]], target: float) -> bytes
     return _png(fig)
 
 
+def accuracy_vs_latency(arms: dict[str, dict[str, Any]]) -> bytes:
+    """Plot each deployed variant's accuracy against its batch-1 p50 latency; bubble area grows with its bytes."""
+    fig, ax = _figure()
+    largest = max(v["bytes"] for s in arms.values() if s.get("deployment") for v in s["deployment"]["variants"].values())
+    for index, (arm, summary) in enumerate(arms.items()):
+        deployment = summary.get("deployment")
+        if not deployment:
+            continue
+        color = _color(summary.get("kind", arm), index)
+        for name, v in deployment["variants"].items():
+            ax.scatter(v["latency_ms_p50"], v["accuracy"], s=40 + 900 * v["bytes"] / largest, color=color, alpha=0.45,
+                       edgecolors=color)
+            ax.annotate(f"{arm} {name}", (v["latency_ms_p50"], v["accuracy"]), fontsize="x-small",
+                        textcoords="offset points", xytext=(6, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("p50 latency at batch 1 (ms, log scale)")
+    ax.set_ylabel("accuracy (central test set)")
+    ax.set_title("Accuracy against latency (bubble area: model bytes)")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def report_plots(report: dict[str, Any]) -> list[tuple[str, str, bytes]]:
     """Return the report's plots as (file stem, caption, PNG bytes)."""
     target = report["target_accuracy"]
@@ -124,6 +146,9 @@ def report_plots(report: dict[str, Any]) -> list[tuple[str, str, bytes]]:
     ]
     if any(s.get("privacy") for s in report["arms"].values()):
         plots.append(("privacy", "Accuracy against privacy (ε)", accuracy_vs_epsilon(report["arms"], target)))
+    if any(s.get("deployment") for s in report["arms"].values()):
+        plots.append(("deployment", "Accuracy against p50 latency (bubble size: bytes)",
+                      accuracy_vs_latency(report["arms"])))
     return plots
 
 

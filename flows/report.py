@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from flows.decision import CostModel, price, recommend, round_costs, time_to_target
+from flows.deployment import add_serving, render_section
 from flows.tables import (
     by_arm, federation_rows, format_cell, node_names, node_rows, round_rows, with_node_names,
 )
@@ -281,7 +282,7 @@ def build_report(
         "target_accuracy": target_accuracy,
         "federation": federation,
         "arms": arms,
-        "recommendation": recommend(arms, target_accuracy, privacy_ok=privacy_ok),
+        "recommendation": add_serving(recommend(arms, target_accuracy, privacy_ok=privacy_ok), arms),
     }
 
 
@@ -454,6 +455,7 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
             if s.get("privacy") and s["privacy"]["refused"]:
                 parts += [f"Rounds that nodes of {arm} sat out because their privacy budget was spent:",
                           _table(with_node_names(s["privacy"]["refused"], names)), ""]
+    parts += render_section(report)  # the accuracy-against-latency plot is among the images below
     for caption, url in (images or {}).items():
         parts += [f"![{caption}]({url})", ""]
     for arm, s in report["arms"].items():

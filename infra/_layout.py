@@ -6,8 +6,8 @@ import hashlib
 import json
 from typing import Any, Mapping
 
-__all__ = ["arm_prefix", "config_hash", "federation_key", "manifest_key", "plot_key", "report_key",
-           "round_prefix"]
+__all__ = ["arm_prefix", "config_hash", "deploy_prefix", "federation_key", "manifest_key", "plot_key",
+           "report_key", "round_prefix"]
 
 
 def _check_name(what: str, value: str) -> str:
@@ -46,6 +46,11 @@ def round_prefix(run_key: str, arm: str, round: int) -> str:
     if isinstance(round, bool) or not isinstance(round, int) or round < 1:
         raise ValueError(f"expected round to be an int >= 1, got {round!r}")
     return f"{arm_prefix(run_key, arm)}/round-{round:04d}"
+
+
+def deploy_prefix(run_key: str, arm: str) -> str:
+    """Return the key prefix of an arm's exported models: ``runs/<run_key>/<arm>/deploy``."""
+    return f"{arm_prefix(run_key, arm)}/deploy"
 
 
 def manifest_key(run_key: str, arm: str) -> str:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from infra.cli_federation import register as register_federation
+from infra.cli_serve import register as register_serve
 from infra.stack import DEPLOYMENT, StackError, StackSettings, down, status, up
 
 _DEFAULT_STATE = ".fedcompare"
@@ -115,7 +116,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from flows.config import CompareConfig, resolve_store_uri
-    from flows.export import find_report, print_summary, to_csv, to_html, to_json
+    from flows.export import find_report, print_deployment, print_summary, to_csv, to_html, to_json
     from infra.store import StoreError, open_store
 
     if args.store:
@@ -129,6 +130,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise StackError(str(exc)) from None
     console = Console()
     print_summary(report, console)
+    print_deployment(report, console)
     for path, render in ((args.json, to_json), (args.csv, to_csv), (args.html, to_html)):
         if path:
             target = Path(path)
@@ -206,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--html", metavar="FILE", help="write a self-contained HTML page with the plots")
     sub.set_defaults(func=_cmd_report)
     register_federation(commands)  # superlink start, node start, certs create: deployments across machines
+    register_serve(commands)  # serve an arm's exported model over HTTP
     return parser
 
 

@@ -105,6 +105,7 @@ PRIVATE_BY_TIER = {
     "assignment": "by-tier", "rounds": 2, "data": {"dataset": "digits"},
     "small": {"model": "torch-logreg", "learning_rate": 0.05, "local_epochs": 2},
     "privacy": {"mode": "sample-level", "target_epsilon": 8.0},
+    "deployment": {"enabled": False},  # the default run covers deployment; this one covers privacy
 }
 
 
@@ -120,7 +121,8 @@ def private_by_tier_run(stack):
 @pytest.fixture(scope="module")
 def client_level_run(stack):
     """Client-level DP for the scikit-learn small model, 2 rounds on all nodes."""
-    config = {"rounds": 2, "data": {"dataset": "digits"}, "privacy": {"mode": "client-level", "arms": "small"}}
+    config = {"rounds": 2, "data": {"dataset": "digits"}, "privacy": {"mode": "client-level", "arms": "small"},
+              "deployment": {"enabled": False}}
     return _demo(stack, "--config", json.dumps(config))
 
 
@@ -179,6 +181,7 @@ def test_flow_run_completed_with_report_and_progress_artifacts(demo_run):
     by_key = {a.key: a for a in artifacts if a.key}
     assert {"federated-compare-report", "federated-compare-summary", "progress-large", "progress-small"} <= set(by_key)
     assert "## Summary" in by_key["federated-compare-report"].data
+    assert "## Deployment" in by_key["federated-compare-report"].data
     assert float(by_key["progress-large"].data) == 100.0
     assert float(by_key["progress-small"].data) == 100.0
 
@@ -232,6 +235,36 @@ def test_store_holds_every_round_of_both_arms_and_the_report_matches_the_checkpo
         assert summary["parameters"] == sum(a.size for a in final.values())
     assert report["arms"]["large"]["parameters"] >= 1_000_000
     assert report["arms"]["large"]["nodes"] == report["arms"]["small"]["nodes"]  # all-nodes
+
+
+def test_report_json_prices_and_measures_every_arm_and_the_stored_onnx_gives_its_accuracy(demo_run):
+    import onnxruntime as ort
+
+    from clients.export import to_raw
+    from infra.deployments import load_variant
+
+    state, run_id, _ = demo_run
+    store = open_store(f"file://{state}/store")
+    report = store.get_json(report_key(run_id))
+    dataset = load_dataset("mnist")
+    test = central_test(dataset, central_test_fraction=0.2, seed=0)
+    figures = {"bytes", "accuracy", "latency_ms_p50", "latency_ms_p99", "throughput_per_s", "peak_rss_mb",
+               "usd_per_million_predictions"}
+
+    for arm in ("large", "small"):
+        deployment = report["arms"][arm]["deployment"]
+        assert {"fp32", "int8", "fp16"} == set(deployment["variants"]), deployment["skipped"]
+        for name, variant in deployment["variants"].items():
+            assert figures <= set(variant) and all(variant[k] > 0 for k in figures), (arm, name, variant)
+        assert deployment["variants"]["fp32"]["max_abs_diff"] < 1e-4
+        assert deployment["total_cost_usd"] == pytest.approx(report["arms"][arm]["total_usd"] + deployment["serving_usd"])
+        assert report["arms"][arm]["total_cost_usd"] == deployment["total_cost_usd"]
+        data, _ = load_variant(store, run_id, arm, "int8")  # verifies its sha256 against deploy.json
+        probabilities = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(
+            None, {"input": to_raw(test.x, "mnist")})[0]
+        assert float((probabilities.argmax(1) == test.y).mean()) == pytest.approx(deployment["variants"]["int8"]["accuracy"])
+    assert "per million predictions" in report["recommendation"]["text"]
+    assert store.exists(f"runs/{run_id}/plots/deployment.png")
 
 
 def _node_id(report: dict, partition: int) -> int:
