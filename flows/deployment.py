@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from flows.decision import CostModel
+from flows.tables import markdown_table
 
 HOURS_PER_MONTH = 730.0  # 8,760 hours a year / 12
 VARIANT_MEANING = {
@@ -158,6 +159,21 @@ def deployment_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+# the per-variant figures in two tables of at most 8 columns, so that each fits a 1,200 px page
+_TABLE_COLUMNS = (
+    ("arm", "model", "variant", "MB", "accuracy", "max Δp vs framework", "load s", "peak RSS MB"),
+    ("arm", "variant", "p50 ms", "p90 ms", "p99 ms", "batch-64 / s", "$ / M predictions", "$ serving"),
+)
+
+
+def deployment_tables(report: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """Return the per-variant rows as two narrower tables: size and quality, then speed and price."""
+    rows = deployment_rows(report)
+    if not rows:
+        return []
+    return [[{column: row[column] for column in columns} for row in rows] for columns in _TABLE_COLUMNS]
+
+
 def total_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Return one row per deployed arm: training, serving and total cost."""
     return [{"arm": arm, "priced variant": s["deployment"]["serving_variant"],
@@ -187,12 +203,11 @@ def deployment_explained(report: dict[str, Any]) -> str:
 
 def render_section(report: dict[str, Any], image: str | None = None) -> list[str]:
     """Return the markdown lines of the Deployment section (none when no arm was deployed)."""
-    rows = deployment_rows(report)
-    if not rows:
+    tables = deployment_tables(report)
+    if not tables:
         return []
-    from flows.report import _table
-
-    parts = ["## Deployment", deployment_explained(report), "", _table(rows), _table(total_rows(report))]
+    parts = ["## Deployment", deployment_explained(report), "", *(markdown_table(rows) for rows in tables),
+             markdown_table(total_rows(report))]
     if image:
         parts += [f"![Accuracy against p50 latency]({image})", ""]
     return parts

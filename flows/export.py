@@ -8,7 +8,7 @@ import io
 import json
 from typing import Any
 
-from flows.deployment import deployment_explained, deployment_rows, total_rows
+from flows.deployment import deployment_explained, deployment_rows, deployment_tables, total_rows
 from flows.plots import data_uri, report_plots
 from flows.report import PRIVACY_EXPLAINED, READABLE_VERSIONS, privacy_rows, summary_rows
 from flows.tables import by_arm, federation_rows, format_cell, node_names, node_rows, round_rows
@@ -144,11 +144,11 @@ target accuracy {report['target_accuracy']}; created {html.escape(report['create
 
 def _html_deployment(report: dict[str, Any]) -> str:
     """Return the Deployment section as HTML (empty when no arm was deployed); its plot is among the figures."""
-    rows = deployment_rows(report)
-    if not rows:
+    tables = deployment_tables(report)
+    if not tables:
         return ""
     text = html.escape(deployment_explained(report).replace("*", "").replace("`", ""))
-    return f"<h2>Deployment</h2><p>{text}</p>{_html_table(rows)}{_html_table(total_rows(report))}"
+    return f"<h2>Deployment</h2><p>{text}</p>{''.join(_html_table(rows) for rows in tables)}{_html_table(total_rows(report))}"
 
 
 def print_deployment(report: dict[str, Any], console) -> None:

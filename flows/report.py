@@ -10,8 +10,9 @@ import numpy as np
 from flows.decision import CostModel, price, recommend, round_costs, time_to_target
 from flows.deployment import add_serving, render_section
 from flows.tables import (
-    by_arm, federation_rows, format_cell, node_names, node_rows, round_rows, with_node_names,
+    by_arm, federation_rows, node_names, node_rows, round_rows, with_node_names,
 )
+from flows.tables import markdown_table as _table
 
 REPORT_VERSION = 4  # 2: cost, time to target, recommendation; 3: privacy; 4: energy measured on the nodes
 READABLE_VERSIONS = (2, 3, 4)  # 3 and 4 only add keys; a report before 4 keeps its estimated energy and says so
@@ -305,6 +306,9 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "MB sent / round": round(s["bytes_per_round"] / 1e6, 3),
                 "wall s": round(s["wall_seconds"], 1),
                 "client train s": round(s["client_train_seconds"], 1),
+                # the arm's slowest node's training per round, and how long its replies waited on the nodes first
+                "busy s": _round_or_none(s.get("busy_seconds"), 1),
+                "waiting on nodes s": _round_or_none(s.get("waiting_seconds"), 1),
                 "central reference": round(reference["accuracy"], 4) if reference else None,
                 "gap to reference": round(s["gap_to_reference"], 4) if s["gap_to_reference"] is not None else None,
                 "round reaching target": s["first_round_reaching_target"],
@@ -376,16 +380,6 @@ PRIVACY_EXPLAINED = (
 def _round_or_none(value: float | None, digits: int) -> float | None:
     """Round ``value`` unless it is None."""
     return None if value is None else round(value, digits)
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    """Render rows as a markdown table."""
-    if not rows:
-        return "_none_\n"
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(format_cell(row[h]) for h in header) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _energy_explained(report: dict[str, Any]) -> str:

@@ -113,3 +113,13 @@ def by_arm(rows: list[dict[str, Any]], key: str = "arm") -> list[dict[str, Any]]
     if not rows:
         return []
     return [{"": measure, **{str(row[key]): row[measure] for row in rows}} for measure in rows[0] if measure != key]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Render rows as a markdown table, each cell in the units and precision of ``format_cell``."""
+    if not rows:
+        return "_none_\n"
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(format_cell(row[h]) for h in header) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

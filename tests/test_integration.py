@@ -405,7 +405,7 @@ def test_prefect_ui_shows_the_report_and_its_plots_in_a_real_browser(demo_run, t
     assert "federated-compare report" in dom.stdout
     assert report["recommendation"]["text"].split(":")[0] in dom.stdout
     images = re.findall(r'<img[^>]+src="(data:image/png;base64,[^"]+)"', dom.stdout)
-    assert len(images) == 2, "both plots are rendered as images in the artifact page"
+    assert len(images) == 3, "the accuracy, cost and deployment plots are rendered as images in the artifact page"
     summary = dom.stdout.split("Summary", 1)[-1].split("<h2", 1)[0]
     assert not re.search(r"\d\.?\d*e[-+]\d", summary), "no exponent notation in the summary"
     widest = max(len(re.findall(r"<th\b", table)) for table in re.findall(r"<table.*?</table>", dom.stdout, re.S))
