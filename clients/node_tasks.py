@@ -130,13 +130,15 @@ def _file_version(data_path: str) -> tuple[str, int, int]:
 _splits: OrderedDict[tuple, tuple[Dataset, Dataset]] = OrderedDict()
 
 
-def local_splits(node_config: Mapping[str, object], run: ArmRunConfig) -> tuple[Dataset, Dataset]:
+def local_splits(node_config: Mapping[str, object], run: ArmRunConfig, *,
+                 facts: NodeFacts | None = None) -> tuple[Dataset, Dataset]:
     """Return this node's (local train, local test): a split of its own data file, or of its partition.
 
-    A warm worker keeps the last few splits, keyed by everything they are made of (files by path,
-    size and modification time), so a changed file is read again.
+    ``facts``: the node config already read (read here when None). A warm worker keeps the last
+    few splits, keyed by everything they are made of (files by path, size and modification time),
+    so a changed file is read again.
     """
-    facts = node_facts(node_config)
+    facts = facts or node_facts(node_config)
     paths = ([run.dataset] if Path(run.dataset).suffix else []) + ([facts.data_path] if facts.data_path else [])
     files = tuple(_file_version(path) for path in paths)
     key = (facts, run.dataset, run.label_column, tuple(sorted(run.data_kwargs().items())), files)
@@ -178,15 +180,15 @@ def handle(task: Task) -> Result:
     # from the server's send to the start of this node's work: Flower's delivery (polls, a ClientApp
     # process) and the time the node spent on other messages first, e.g. another arm's training
     waited = max(0.0, time.time() - task.created_at) if task.created_at else 0.0
-    result = {"query": query, "train": train, "evaluate": evaluate}[task.kind](task)
+    facts = node_facts(task.node_config)  # read once per message
+    result = {"query": query, "train": train, "evaluate": evaluate}[task.kind](task, facts)
     return dataclasses.replace(result, values={**result.values, "node-wait-seconds": waited})
 
 
-def query(task: Task) -> Result:
+def query(task: Task, facts: NodeFacts) -> Result:
     """Tell the server what this node is: tier, device, data, number of examples and memory (counts only)."""
     run = ArmRunConfig.from_run_config(task.run_config)
-    train_set, test_set = local_splits(task.node_config, run)
-    facts = node_facts(task.node_config)
+    train_set, test_set = local_splits(task.node_config, run, facts=facts)
     device = _detect_device(facts.tier) if facts.device == "auto" else facts.device
     return Result({
         "tier": facts.tier,
@@ -247,12 +249,11 @@ def _model(run: ArmRunConfig, facts: NodeFacts, train_set: Dataset, arrays: Mapp
     return model
 
 
-def train(task: Task) -> Result:
+def train(task: Task, facts: NodeFacts) -> Result:
     """Train the received global model on the node's local training split."""
-    facts = node_facts(task.node_config)
     meter = EnergyMeter(device=facts.device)  # first: codecarbon detects the hardware while the data loads
     run = ArmRunConfig.from_run_config(task.run_config)
-    train_set, _ = local_splits(task.node_config, run)
+    train_set, _ = local_splits(task.node_config, run, facts=facts)
     server_round = int(task.config["server-round"])
     epochs, batch_size = int(task.config["local-epochs"]), int(task.config["batch-size"])
     private, wrap = {}, {}
@@ -299,12 +300,11 @@ def _charge_dp_sgd(run: ArmRunConfig, facts: NodeFacts, server_round: int, num_e
     return metrics, {"wrap": dp_sgd(plan, grad_sample_mode=DEFAULT_GRAD_SAMPLE_MODE)}
 
 
-def evaluate(task: Task) -> Result:
+def evaluate(task: Task, facts: NodeFacts) -> Result:
     """Evaluate the received global model on the node's local test split."""
-    facts = node_facts(task.node_config)
     meter = EnergyMeter(device=facts.device)  # first: codecarbon detects the hardware while the data loads
     run = ArmRunConfig.from_run_config(task.run_config)
-    train_set, test_set = local_splits(task.node_config, run)
+    train_set, test_set = local_splits(task.node_config, run, facts=facts)
     model = _model(run, facts, train_set, task.arrays)
     with meter.measure(on_gpu=model.device.startswith("cuda")) as energy:
         wall, cpu = time.perf_counter(), time.process_time()
