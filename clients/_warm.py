@@ -149,6 +149,10 @@ class _Hung(Exception):
     """The worker did not answer in time."""
 
 
+class _Orphaned(Exception):
+    """The ClientApp that asked went away (its SuperNode was stopped or killed) before the answer."""
+
+
 class _Worker:
     """One worker process for one version of the app's code, and the pipe to it."""
 
@@ -166,12 +170,16 @@ class _Worker:
         self.conn = parent
         self._pid_file.write_text(str(self.process.pid))
 
-    def call(self, task: dict[str, Any], timeout: float) -> tuple:
-        """Send one task and wait for its answer."""
+    def call(self, task: dict[str, Any], timeout: float,
+             asker: multiprocessing.connection.Connection | None = None) -> tuple:
+        """Send one task and wait for its answer; give up if ``asker`` (the ClientApp's connection) goes away."""
         try:
             self.conn.send(task)
-            if not self.conn.poll(timeout):
+            ready = multiprocessing.connection.wait([self.conn, *([asker] if asker else [])], timeout)
+            if not ready:
                 raise _Hung
+            if self.conn not in ready:  # the ClientApp sends nothing more: readable means it is gone
+                raise _Orphaned
             return self.conn.recv()
         except (EOFError, OSError):
             raise _Died from None
@@ -231,19 +239,28 @@ class Supervisor:
             try:
                 request = conn.recv()
                 conn.send(self.run(request["code_key"], request["app_dir"], request["task"],
-                                   timeout=float(request["timeout"])))
+                                   timeout=float(request["timeout"]), asker=conn))
             except (EOFError, OSError) as exc:
                 log.warning("a ClientApp went away before its answer: %r", exc)
 
-    def run(self, key: str, app_dir: str, task: dict[str, Any], *, timeout: float) -> tuple:
-        """Run ``task`` in the worker of ``key``; return (status, payload, restarts)."""
+    def run(self, key: str, app_dir: str, task: dict[str, Any], *, timeout: float,
+            asker: multiprocessing.connection.Connection | None = None) -> tuple:
+        """Run ``task`` in the worker of ``key``; return (status, payload, restarts).
+
+        When ``asker`` goes away mid-task nobody can take the answer: the worker is restarted at
+        once, so that the node's next messages (a restarted SuperNode's) do not wait behind it.
+        """
         worker = self._worker(key, app_dir)
         restarts = 0
         with worker.lock:
             while True:
                 try:
-                    answer = worker.call(task, timeout)
+                    answer = worker.call(task, timeout, asker)
                     return (*answer, restarts)
+                except _Orphaned:
+                    worker.restart()
+                    log.warning("the ClientApp went away mid-message; restarted the worker instead of finishing")
+                    return ("error", "Orphaned: the ClientApp went away", restarts + 1)
                 except _Hung:
                     worker.restart()
                     return ("error", f"WorkerTimeout: the node's warm worker did not answer within {timeout:.0f} s "

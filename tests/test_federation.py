@@ -309,10 +309,13 @@ def test_node_start_checks_the_data_and_prints_counts_only(deployment, tmp_path,
                                 "--state-dir", str(tmp_path / "state"), "--port", "1"])
 
     out = capsys.readouterr().out
+    socket = tmp_path / "state" / "node" / "worker.sock"
     assert code == 0
     assert out.splitlines() == [
         "node start: tier cpu, device cpu, 30 examples (csv, features (2,)), 3 classes {0: 10, 1: 10, 2: 10}, "
-        "SuperLink coord.example:8000 (TLS, node key)"]
+        "SuperLink coord.example:8000 (TLS, node key)",
+        f"warm worker: {socket.resolve()} (log {socket.resolve().with_name('worker.log')})"]
+    assert f'worker-socket="{socket.resolve()}"' in " ".join(started["command"])
     assert "0.5" not in out and "secret_feature" not in out
     config = started["command"][started["command"].index("--node-config") + 1]
     assert f'data-path="{data}"' in config and 'tier="cpu"' in config and 'label-column="label"' in config

@@ -78,7 +78,7 @@ def two_runs(stack, s3_env):
     """Two `fedcompare demo` runs submitted at once: one into the S3 store, one into the local store."""
     configs = {
         "s3": {"store_uri": BUCKET_URI, "rounds": 2, "data": {"dataset": "digits"}},
-        "local": {"rounds": 1, "data": {"dataset": "digits"}, "small": {"model": "torch-logreg"}},
+        "local": {"rounds": 1, "data": {"dataset": "digits"}, "small": {"model": "torch-logreg", "learning_rate": 0.05}},
     }
     def start(config: dict) -> subprocess.Popen:
         return subprocess.Popen([FEDCOMPARE, "--state-dir", str(stack), "demo", "--config", json.dumps(config)],

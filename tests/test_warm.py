@@ -140,3 +140,24 @@ def test_a_worker_killed_mid_round_is_restarted_and_the_dp_round_is_charged_once
     assert restarts == 1 and int(_warm.pid_path(supervisor).read_text()) != killed
     assert [e["message_id"] for e in entries] == ["killed-once"]  # one charge for the message, not one per try
     assert result["values"]["dp-epsilon"] > 0 and set(result["arrays"]) == set(request["arrays"])
+
+
+def test_a_clientapp_that_goes_away_mid_message_frees_the_worker_at_once(supervisor: Path) -> None:
+    import multiprocessing.connection
+
+    run_config = _run_config(dataset="digits", model="torch-logreg")
+    slow = _train_request(run_config, NODE, message_id="orphan", epochs=400)
+    before = int(_warm.pid_path(supervisor).read_text())
+    conn = multiprocessing.connection.Client(str(supervisor), family="AF_UNIX",
+                                             authkey=_warm.key_path(supervisor).read_bytes())
+    conn.send({"app_dir": str(ROOT), "code_key": _warm.code_key(ROOT), "timeout": 600, "task": slow})
+
+    time.sleep(1.0)  # the worker is training now
+    conn.close()  # the ClientApp's SuperNode was killed
+    started = time.perf_counter()
+    answer, _ = _warm.ask(supervisor, {"kind": "query", "run_config": run_config, "node_config": NODE},
+                          app_dir=ROOT, timeout=60)
+    waited = time.perf_counter() - started
+
+    assert int(_warm.pid_path(supervisor).read_text()) != before, "the busy worker was replaced"
+    assert answer["values"]["num-train"] > 0 and waited < 30, f"the next message waited {waited:.1f} s"
