@@ -233,6 +233,23 @@ class CompareConfig(_Strict):
     # serving each arm's final model: export, compression, inference measurements and their price
     deployment: DeploymentConfig = DeploymentConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _arms_over_their_defaults(cls, data: object) -> object:
+        """Fill an arm given in part (``{"large": {"local_epochs": 2}}``) from that arm's defaults.
+
+        The two arms have different default models and steps, so an arm's missing fields come from
+        its own default, not from ArmConfig's; a user changes one field without restating the rest.
+        """
+        if not isinstance(data, dict):
+            return data
+        filled = dict(data)
+        for kind in ("large", "small"):
+            if isinstance(filled.get(kind), dict):
+                default = cls.model_fields[kind].default.model_dump()
+                filled[kind] = {**default, **filled[kind]}
+        return filled
+
     @field_validator("resume_from")
     @classmethod
     def _run_key(cls, value: str) -> str:

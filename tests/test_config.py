@@ -157,6 +157,19 @@ def test_overrides_are_validated_into_one_line_naming_the_fields():
         parse_overrides("[1, 2]")
 
 
+def test_an_arm_given_in_part_keeps_its_own_defaults_for_the_rest():
+    from flows.config import parse_overrides
+
+    config = CompareConfig.model_validate(parse_overrides('{"large": {"local_epochs": 2}, "small": {"batch_size": 8}}'))
+
+    assert config.large.local_epochs == 2 and config.small.batch_size == 8
+    assert (config.large.model, config.large.learning_rate) == (CompareConfig().large.model, CompareConfig().large.learning_rate)
+    assert (config.small.model, config.small.local_epochs) == (CompareConfig().small.model, CompareConfig().small.local_epochs)
+    assert CompareConfig.model_validate(config.model_dump()) == config
+    with pytest.raises(ValueError, match="large.local_epochs"):
+        parse_overrides('{"large": {"local_epochs": 0}}')
+
+
 def test_resume_from_takes_a_run_key_and_retries_are_bounded():
     assert CompareConfig(resume_from="3f1c-42_a.b").resume_from == "3f1c-42_a.b"
     for bad in ("../other", "runs/x", ".."):
