@@ -158,7 +158,8 @@ def main() -> int:
     if "demo" in cases:
         cpu_before, started = _node_cpu_s(settings), time.monotonic()
         run_id, final_state, message = asyncio.run(
-            follow_flow_run(settings, {"config": {"rounds": args.rounds}}, 7200, console))
+            follow_flow_run(settings, {"config": {"rounds": args.rounds}}, 7200, console,
+                            store=store, arms=["large", "small"]))
         flow_wall, node_cpu = time.monotonic() - started, _node_cpu_s(settings) - cpu_before
         if final_state != "COMPLETED":
             print(json.dumps({"error": f"flow run {run_id} ended {final_state}: {message}"}))
