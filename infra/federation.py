@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.stack import StackError
+from infra.stack import StackError, flower_path
 
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, NODES_DIR = "ca.crt", "ca.key", "server.pem", "server.key", "nodes"
 TIERS, DEVICES = ("gpu", "cpu"), ("auto", "cpu", "cuda")
@@ -278,8 +278,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     """Return the environment of a Flower process whose state lives in `flwr_home`."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     return {**os.environ, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1",
-            # the SuperLink and SuperNodes start `flower-superexec` from PATH
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+            "PATH": flower_path()}
 
 
 def _flwr_control(address: str, ca_cert: Path, calls: Mapping[str, list[str]], *,

@@ -114,8 +114,7 @@ class StackSettings:
         state = Path(self.state_dir)
         env = {
             **os.environ,
-            # Flower's SuperLink and SuperNodes start `flower-superexec` from PATH
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            "PATH": flower_path(),
             "FEDCOMPARE_ROOT": str(ROOT),
             "FEDCOMPARE_STATE_DIR": str(state),
             "FEDCOMPARE_SUPERLINK": self.superlink,
@@ -130,6 +129,19 @@ class StackSettings:
         }
         env.setdefault("FEDCOMPARE_STORE", self.store_uri)
         return env
+
+
+FLWR_LAUNCHERS = Path(__file__).resolve().parent / "flwr_bin"
+
+
+def flower_path() -> str:
+    """Return the PATH of Flower's processes: fedcompare's launchers, this environment's scripts, then PATH.
+
+    Flower's SuperLink and SuperNodes start `flower-superexec` from PATH, and each SuperExec a
+    `flwr-clientapp` per message: `flwr_bin/flwr-clientapp` is Flower's own command without the
+    SuperNode's imports (0.9 s of CPU less per message; see the script).
+    """
+    return os.pathsep.join([str(FLWR_LAUNCHERS), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 @dataclass(frozen=True)

@@ -54,3 +54,22 @@ def test_a_concurrency_below_one_is_refused_in_one_line(tmp_path, capsys):
 
     assert exited.value.code == 2
     assert "expected a whole number of at least 1, got '0'" in capsys.readouterr().err
+
+
+def test_flowers_processes_find_the_light_clientapp_launcher_first_and_it_is_flowers_command():
+    import shutil
+    import subprocess
+
+    from infra.stack import FLWR_LAUNCHERS, flower_path
+
+    found = shutil.which("flwr-clientapp", path=flower_path())
+    assert found == str(FLWR_LAUNCHERS / "flwr-clientapp")
+    # Flower's own parser answers, and the SuperNode's command (FastAPI app, database migrations) is not imported
+    probe = ("import runpy, sys; sys.argv = ['flwr-clientapp', '--help']\n"
+             "try:\n    runpy.run_path(sys.argv_path, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('supernode-cli-imported' if 'flwr.supernode.cli.flower_supernode' in sys.modules else 'light')")
+    done = subprocess.run([sys.executable, "-c", probe.replace("sys.argv_path", repr(found))],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--runtime-api-address" in done.stdout and "--token" in done.stdout
+    assert done.stdout.strip().endswith("light"), done.stdout[-300:]
