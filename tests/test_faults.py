@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from infra.checkpoints import load_round, read_manifest, report_key
+from infra.stack import flower_path, warm_worker_socket
 from infra.store import open_store
 from tests.s3server import free_port, running_s3_server
 from tests.tcpproxy import TcpProxy
@@ -120,20 +121,28 @@ def _settings(state: Path) -> dict:
     return json.loads((state / "stack.json").read_text())
 
 
-def _extra_node(state: Path, name: str, partition: int, fault: str) -> subprocess.Popen:
-    """Start one more SuperNode, with a deliberate ``fault``, in its own process group."""
+def _extra_node(state: Path, name: str, partition: int, fault: str) -> list[subprocess.Popen]:
+    """Start one more SuperNode, with a deliberate ``fault``, and its warm worker, each in its own process group.
+
+    The node is what `fedcompare node start` runs (a SuperNode on fedcompare's PATH, a warm worker
+    beside it); the fault is applied in the node's ClientApp relay, to the worker's honest reply.
+    """
     settings = _settings(state)
-    node_config = f'partition-id={partition} num-partitions={NODES} tier="cpu" fault="{fault}"'
     home = state / "flwr" / name
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    with open(state / "logs" / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
-        return subprocess.Popen(
+    socket = warm_worker_socket(home)
+    node_config = (f'partition-id={partition} num-partitions={NODES} tier="cpu" fault="{fault}" '
+                   f'worker-socket="{socket}"')
+    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PATH": flower_path()}
+    with open(state / "logs" / f"{name}.log", "ab") as log:  # the children keep their own descriptors
+        worker = subprocess.Popen([sys.executable, "-m", "clients._warm", "--socket", str(socket)], stdout=log,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        node = subprocess.Popen(
             [FLOWER_SUPERNODE, "--insecure", "--superlink", f"127.0.0.1:{settings['superlink_port']}",
              "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
+    return [node, worker]
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -160,8 +169,9 @@ def test_bad_updates_are_rejected_and_the_run_completes(stack, s3):
         demo, run_id = _start_demo(stack, s3, config)
         output = _finish(demo)
     finally:
-        for process in extras.values():
-            _kill_group(process)
+        for processes in extras.values():
+            for process in processes:
+                _kill_group(process)
 
     assert demo.returncode == 0, output[-3000:]
     report = _store(s3).get_json(report_key(run_id))
