@@ -139,9 +139,11 @@ def flower_path() -> str:
 
     Flower's SuperLink and SuperNodes start `flower-superexec` from PATH, and each SuperExec a
     `flwr-clientapp` per message: `flwr_bin/flwr-clientapp` is Flower's own command without the
-    SuperNode's imports (0.9 s of CPU less per message; see the script).
+    SuperNode's imports (0.9 s of CPU less per message; see the script). An install that lost the
+    script's executable bit gets Flower's own command.
     """
-    return os.pathsep.join([str(FLWR_LAUNCHERS), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    first = [str(FLWR_LAUNCHERS)] if os.access(FLWR_LAUNCHERS / "flwr-clientapp", os.X_OK) else []
+    return os.pathsep.join([*first, str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 @dataclass(frozen=True)
