@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 import time
 
-from infra.stack import Service, StackSettings, _log_file, _log_since_start, _start, down, running_pid
+from infra.stack import (FLWR_LAUNCHERS, Service, StackSettings, _log_file, _log_since_start, _start, down, flower_path,
+                         running_pid)
 
 
 def test_readiness_reads_only_what_the_current_process_logged(tmp_path, monkeypatch):
@@ -57,19 +60,13 @@ def test_a_concurrency_below_one_is_refused_in_one_line(tmp_path, capsys):
 
 
 def test_flowers_processes_find_the_light_clientapp_launcher_first_and_it_is_flowers_command():
-    import shutil
-    import subprocess
-
-    from infra.stack import FLWR_LAUNCHERS, flower_path
-
     found = shutil.which("flwr-clientapp", path=flower_path())
     assert found == str(FLWR_LAUNCHERS / "flwr-clientapp")
     # Flower's own parser answers, and the SuperNode's command (FastAPI app, database migrations) is not imported
-    probe = ("import runpy, sys; sys.argv = ['flwr-clientapp', '--help']\n"
-             "try:\n    runpy.run_path(sys.argv_path, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+    probe = (f"import runpy, sys\nsys.argv = ['flwr-clientapp', '--help']\n"
+             f"try:\n    runpy.run_path({str(found)!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
              "print('supernode-cli-imported' if 'flwr.supernode.cli.flower_supernode' in sys.modules else 'light')")
-    done = subprocess.run([sys.executable, "-c", probe.replace("sys.argv_path", repr(found))],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "--runtime-api-address" in done.stdout and "--token" in done.stdout
     assert done.stdout.strip().endswith("light"), done.stdout[-300:]
