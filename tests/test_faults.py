@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from infra.checkpoints import load_round, read_manifest, report_key
+from infra.cli_federation import _start_warm_worker
 from infra.stack import flower_path, warm_worker_socket
 from infra.store import open_store
 from tests.s3server import free_port, running_s3_server
@@ -134,9 +135,8 @@ def _extra_node(state: Path, name: str, partition: int, fault: str) -> list[subp
     node_config = (f'partition-id={partition} num-partitions={NODES} tier="cpu" fault="{fault}" '
                    f'worker-socket="{socket}"')
     env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PATH": flower_path()}
-    with open(state / "logs" / f"{name}.log", "ab") as log:  # the children keep their own descriptors
-        worker = subprocess.Popen([sys.executable, "-m", "clients._warm", "--socket", str(socket)], stdout=log,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    worker = _start_warm_worker(socket, env)  # logs to worker.log beside its socket
+    with open(state / "logs" / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
         node = subprocess.Popen(
             [FLOWER_SUPERNODE, "--insecure", "--superlink", f"127.0.0.1:{settings['superlink_port']}",
              "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config],
