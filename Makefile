@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast down status clean
+.PHONY: setup datasets demo test test-fast down status clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,13 +12,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv with fedcompare and its pinned dependencies
+setup: $(STAMP) datasets  ## create .venv with fedcompare and its pinned dependencies, and the optional datasets
+
+# Debian's dataset-fashion-mnist (MIT, 31 MB): the built-in `fashion-mnist` reads its idx files. Installed where
+# apt-get is usable (root); elsewhere the dataset fails with one line that says how to install it.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+datasets:
+	@if [ -f $(FASHION_MNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's dataset-fashion-mnist"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || \
+	  echo "could not install dataset-fashion-mnist: the fashion-mnist dataset stays unavailable"; \
+	else echo "fashion-mnist: not installed (as root: apt-get install dataset-fashion-mnist)"; fi
 
 demo: $(STAMP)  ## start the local stack, run federated-compare/local, print the report
 	$(BIN)/fedcompare demo
 
 # two workers: the fault and integration stacks spend much of their time waiting, so they overlap well
-test: $(STAMP)  ## all tests, the integration tests against a real local stack included
+test: $(STAMP) datasets  ## all tests, the integration tests against a real local stack included
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: $(STAMP)  ## unit tests only

@@ -21,6 +21,7 @@ import csv
 import functools
 import hashlib
 import importlib.util
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -31,12 +32,16 @@ from typing import Literal
 
 import numpy as np
 
-SHIPPED_DATASETS = ("mnist", "digits", "breast-cancer")
+SHIPPED_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer")
 FILE_SUFFIXES = (".csv", ".npz")
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
 
 _MAX_DIRICHLET_DRAWS = 1000  # retries before a dirichlet partition gives up (not a tuning knob)
 _MNIST_PIXEL_MAX = 255.0
+# Debian's dataset-fashion-mnist package (MIT): the 60,000 training and 10,000 test images as gzipped idx files
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 _DIGITS_PIXEL_MAX = 16.0
 
 DatasetKind = Literal["image", "tabular"]
@@ -46,10 +51,12 @@ DatasetKind = Literal["image", "tabular"]
 class Dataset:
     """Features and integer labels of one dataset (or a subset of it)."""
 
-    x: np.ndarray  # float32; images (N, C, H, W), tabular (N, F)
+    x: np.ndarray  # float32; images (N, C, H, W), tabular (N, F); NaN: a missing or non-numeric cell of a raw table
     y: np.ndarray  # int64 labels in 0..num_classes-1
     num_classes: int  # classes of the whole dataset, also when a subset lacks some
     name: str  # where it came from: "mnist", "digits", a file name
+    columns: tuple[str, ...] = ()  # names of a table's columns (a CSV header); () = x0, x1, ...
+    cells: np.ndarray | None = None  # a raw table's cells as text (N, F), "" = empty; only when one is not a number
 
     def __post_init__(self) -> None:
         """Reject arrays that do not fit the dataset contract."""
@@ -63,6 +70,10 @@ class Dataset:
                 f"dataset {self.name!r}: expected x of shape (N, F) or (N, C, H, W) and y of "
                 f"shape (N,), got x {self.x.shape} and y {self.y.shape}"
             )
+        if self.columns and (self.x.ndim != 2 or len(self.columns) != self.x.shape[1]):
+            raise ValueError(f"dataset {self.name!r}: {len(self.columns)} column names for features {self.x.shape[1:]}")
+        if self.cells is not None and self.cells.shape != self.x.shape:
+            raise ValueError(f"dataset {self.name!r}: text cells {self.cells.shape} do not match features {self.x.shape}")
         if len(self.y) and (self.y.min() < 0 or self.y.max() >= self.num_classes):
             raise ValueError(
                 f"dataset {self.name!r}: labels must lie in 0..{self.num_classes - 1}, got "
@@ -83,6 +94,18 @@ class Dataset:
         """Return "image" for (N, C, H, W) features and "tabular" for (N, F)."""
         return "image" if self.x.ndim == 4 else "tabular"
 
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Return a table's column names (x0, x1, ... when the source has none)."""
+        if self.kind != "tabular":
+            return ()
+        return self.columns or tuple(f"x{i}" for i in range(self.x.shape[1]))
+
+    @property
+    def raw(self) -> bool:
+        """Return whether this is a table with text or missing cells, which needs a preprocessing spec to train on."""
+        return self.cells is not None or bool(np.isnan(self.x).any())
+
     def subset(self, idx: np.ndarray) -> Dataset:
         """Return the examples at ``idx`` (in that order) as a new dataset."""
         idx = np.asarray(idx, dtype=np.int64)
@@ -91,16 +114,38 @@ class Dataset:
             y=np.ascontiguousarray(self.y[idx]),
             num_classes=self.num_classes,
             name=self.name,
+            columns=self.columns,
+            cells=None if self.cells is None else np.ascontiguousarray(self.cells[idx]),
         )
+
+
+def concatenate(parts: list[Dataset]) -> Dataset:
+    """Return the examples of ``parts`` one after another, as one dataset (the first part's name and classes)."""
+    first = parts[0]
+    cells = None
+    if any(p.cells is not None for p in parts):
+        cells = np.concatenate([p.cells if p.cells is not None else _as_cells(p.x) for p in parts])
+    return Dataset(x=np.concatenate([p.x for p in parts]), y=np.concatenate([p.y for p in parts]),
+                   num_classes=first.num_classes, name=first.name, columns=first.columns, cells=cells)
+
+
+def _as_cells(x: np.ndarray) -> np.ndarray:
+    """Return numeric features as text cells ("" for NaN), to join a table that has text cells."""
+    return np.array([["" if not np.isfinite(v) else format(float(v), "g") for v in row] for row in x], dtype=str)
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_dataset(source: str, *, label_column: str = "label") -> Dataset:
-    """Load a shipped dataset by name, or a node's own .csv/.npz file by path."""
+def load_dataset(source: str, *, label_column: str = "label", image_size: tuple[int, int] | None = None) -> Dataset:
+    """Load a shipped dataset by name, or a .csv/.npz file or an image folder by path.
+
+    ``image_size`` (H, W): the size every image of an image folder is resized to (None: the first image's).
+    """
     if source == "mnist":
         return _load_mnist()
+    if source == "fashion-mnist":
+        return _load_fashion_mnist()
     if source == "digits":
         return _load_digits()
     if source == "breast-cancer":
@@ -110,9 +155,14 @@ def load_dataset(source: str, *, label_column: str = "label") -> Dataset:
         return _load_csv(Path(source), label_column=label_column)
     if suffix == ".npz":
         return _load_npz(Path(source))
+    if Path(source).is_dir():
+        from clients.images import read_image_folder  # Pillow: only image folders pay for it
+
+        x, y = read_image_folder(Path(source), size=image_size)
+        return Dataset(x=x, y=y, num_classes=int(y.max()) + 1, name=Path(source).name)
     raise ValueError(
-        f"unknown dataset {source!r}: expected one of {', '.join(SHIPPED_DATASETS)} "
-        f"or a path ending in {' or '.join(FILE_SUFFIXES)}; pick one of those"
+        f"unknown dataset {source!r}: expected one of {', '.join(SHIPPED_DATASETS)}, a path ending in "
+        f"{' or '.join(FILE_SUFFIXES)} or an image folder (one subfolder per class); pick one of those"
     )
 
 
@@ -135,6 +185,45 @@ def _load_mnist() -> Dataset:
     arrays = _cached("mnist", Path(DATA_PATH), parse)
     return Dataset(x=np.ascontiguousarray(arrays["x"]), y=np.asarray(arrays["y"], dtype=np.int64), num_classes=10,
                    name="mnist")
+
+
+def _load_fashion_mnist() -> Dataset:
+    """Load the 70,000 Fashion-MNIST images of Debian's dataset-fashion-mnist, scaled to [0, 1] (cached: ``_cached``).
+
+    The package's training and test files are joined: the run draws its own central test set.
+    ``$FEDCOMPARE_FASHION_MNIST_DIR`` points at another folder holding the same four idx files.
+    """
+    folder = Path(os.environ.get("FEDCOMPARE_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
+    missing = [name for name in _FASHION_MNIST_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"dataset 'fashion-mnist' needs its idx files in {str(folder)!r} (missing: {', '.join(missing)}); "
+            "install Debian's package (as root: apt-get install dataset-fashion-mnist, which `make setup` does "
+            "where apt-get is usable) or set FEDCOMPARE_FASHION_MNIST_DIR to a folder holding them"
+        )
+
+    def parse() -> dict[str, np.ndarray]:
+        images = [_read_idx(folder / name) for name in _FASHION_MNIST_FILES[0::2]]
+        labels = [_read_idx(folder / name) for name in _FASHION_MNIST_FILES[1::2]]
+        x = np.concatenate(images).astype(np.float32) / np.float32(_MNIST_PIXEL_MAX)
+        return {"x": x.reshape(-1, 1, 28, 28), "y": np.concatenate(labels).astype(np.int64)}
+
+    arrays = _cached("fashion-mnist", folder / _FASHION_MNIST_FILES[0], parse)
+    return Dataset(x=np.ascontiguousarray(arrays["x"]), y=np.asarray(arrays["y"], dtype=np.int64), num_classes=10,
+                   name="fashion-mnist")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read a gzipped idx file of unsigned bytes (the MNIST format) into an array of its shape."""
+    import gzip
+
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    magic, dims = int.from_bytes(data[:2], "big"), data[3]
+    if magic != 0 or data[2] != 0x08:
+        raise ValueError(f"{str(path)!r} is not an idx file of unsigned bytes; reinstall dataset-fashion-mnist")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 _KEYED = Path()  # a ``_cached`` source meaning: the name is the whole key
@@ -244,14 +333,25 @@ def _require_file(path: Path) -> None:
 
 
 def _load_csv(path: Path, *, label_column: str) -> Dataset:
-    """Load a CSV with a header row: ``label_column`` holds labels, other columns numbers."""
-    features, labels = read_csv(path, label_column=label_column)
-    y, num_classes = _remap_labels(labels, path)
-    return Dataset(x=features.astype(np.float32), y=y, num_classes=num_classes, name=path.name)
+    """Load a CSV with a header row as a raw table: ``label_column`` holds labels, the other columns features."""
+    table = read_csv(path, label_column=label_column)
+    y, num_classes = _remap_labels(table.labels, path)
+    return Dataset(x=table.features.astype(np.float32), y=y, num_classes=num_classes, name=path.name,
+                   columns=table.columns, cells=table.cells)
 
 
-def read_csv(path: Path, *, label_column: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read a CSV with a header row into (finite float64 features (N, F), label strings (N,)); raise ValueError."""
+@dataclass(frozen=True)
+class Table:
+    """A CSV file as read: numbers where cells hold numbers, the text cells where one does not."""
+
+    features: np.ndarray  # float64 (N, F); NaN: an empty cell or one that is not a number
+    labels: np.ndarray  # label strings (N,)
+    columns: tuple[str, ...]  # the feature columns' names, in file order
+    cells: np.ndarray | None  # the stripped cells as text (N, F) when a cell is text; None when all are numbers
+
+
+def read_csv(path: Path, *, label_column: str) -> Table:
+    """Read a CSV with a header row into a :class:`Table`: text and empty cells are kept; raise ValueError."""
     _require_file(path)
     with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
@@ -268,27 +368,37 @@ def read_csv(path: Path, *, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     feature_names = [name for i, name in enumerate(header) if i != label_at]
     if not feature_names:
         raise ValueError(f"dataset file {str(path)!r} has only the label column; expected feature columns too")
+    if len(set(feature_names)) != len(feature_names):
+        repeated = sorted({n for n in feature_names if feature_names.count(n) > 1})
+        raise ValueError(f"dataset file {str(path)!r} repeats column name(s) {', '.join(repeated)}; name every column once")
     features = np.empty((len(rows) - 1, len(feature_names)), dtype=np.float64)
+    text = np.empty((len(rows) - 1, len(feature_names)), dtype=object)
     labels: list[str] = []
+    has_text = False
     for row_number, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise ValueError(
                 f"dataset file {str(path)!r} line {row_number} has {len(row)} fields, expected "
                 f"{len(header)} like the header; fix the row"
             )
-        labels.append(row[label_at].strip())
-        cells = [cell for i, cell in enumerate(row) if i != label_at]
+        label = row[label_at].strip()
+        if not label:
+            raise ValueError(f"dataset file {str(path)!r} line {row_number} has no label; label or drop the row")
+        labels.append(label)
+        cells = [cell.strip() for i, cell in enumerate(row) if i != label_at]
         for column, cell in enumerate(cells):
+            text[row_number - 2, column] = cell
             try:
-                features[row_number - 2, column] = float(cell)
+                value = float(cell) if cell else math.nan
             except ValueError:
+                value, has_text = math.nan, True
+            if math.isinf(value):
                 raise ValueError(
-                    f"dataset file {str(path)!r} line {row_number} column {feature_names[column]!r} "
-                    f"holds {cell!r}, expected a number; feature columns must be numeric "
-                    f"(encode or drop that column)"
-                ) from None
-    _require_finite(features, path)
-    return features, np.asarray(labels)
+                    f"dataset file {str(path)!r} line {row_number} column {feature_names[column]!r} holds "
+                    f"{cell!r}; replace infinite values with a number or an empty cell"
+                )
+            features[row_number - 2, column] = value
+    return Table(features, np.asarray(labels), tuple(feature_names), text.astype(str) if has_text else None)
 
 
 def _load_npz(path: Path) -> Dataset:
@@ -326,12 +436,13 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _require_finite(features: np.ndarray, path: Path) -> None:
-    """Raise a one-line ValueError when a feature is NaN or infinite."""
-    bad = np.argwhere(~np.isfinite(features))
+    """Raise a one-line ValueError when a feature is infinite, or an image pixel is NaN (a table's NaN: missing)."""
+    bad = np.argwhere(np.isinf(features) if features.ndim == 2 else ~np.isfinite(features))
     if len(bad):
         raise ValueError(
-            f"dataset file {str(path)!r} has a missing or infinite feature value (example "
-            f"{int(bad[0][0])}); impute or drop such values before training"
+            f"dataset file {str(path)!r} has an infinite{'' if features.ndim == 2 else ' or missing'} feature value "
+            f"(example {int(bad[0][0])}); replace such values{' with NaN (missing) or a number' if features.ndim == 2 else ''} "
+            "before training"
         )
 
 
@@ -618,10 +729,4 @@ def pooled_train(
     for partition_id in chosen:
         if not 0 <= partition_id < num_partitions:
             raise ValueError(f"partition_ids must lie in 0..{num_partitions - 1}, got {partition_id}")
-    trains = [splits[i][0] for i in chosen]
-    return Dataset(
-        x=np.concatenate([t.x for t in trains]),
-        y=np.concatenate([t.y for t in trains]),
-        num_classes=ds.num_classes,
-        name=ds.name,
-    )
+    return concatenate([splits[i][0] for i in chosen])

@@ -42,7 +42,7 @@ INPUT, OUTPUT = "input", "probabilities"
 # normalization lost the classes: 0.10 accuracy on MNIST) nor the input scaling.
 INT8_OPS = ("Conv", "Gemm", "MatMul", "MaxPool", "Relu", "Flatten")
 # raw input value that clients.data maps to 1.0 (the graph divides by it); datasets not listed are used as loaded
-_RAW_INPUT_MAX = {"mnist": 255.0, "digits": 16.0}
+_RAW_INPUT_MAX = {"mnist": 255.0, "fashion-mnist": 255.0, "digits": 16.0}
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,11 @@ formats, picked with ``data_format`` ("auto" picks by suffix, or "image-folder" 
 directory):
 
 * ``csv``: a header row; ``label_column`` holds the labels, every other column is a
-  numeric feature.
+  feature: numbers, text (categories) or empty cells (missing), which the run's
+  preprocessing spec (`clients/preprocess.py`) turns into numbers.
 * ``npz``: arrays ``x`` ((N, F), (N, H, W) or (N, C, H, W)) and ``y`` ((N,)).
-* ``image-folder``: one subfolder per class holding image files (.png, .jpg, .jpeg,
-  .bmp, .gif, .tif, .tiff, .webp; other and hidden files are ignored). When every
-  subfolder name is a non-negative integer ("0", "3", "7") it *is* the label; otherwise
-  the sorted subfolder names map to 0..n-1, which agrees across nodes only when every
-  node holds the same set of class folders, so prefer integer names in a federation.
-  Images become grayscale float32 in [0, 1], shape (1, H, W); all must share one size.
+* ``image-folder``: one subfolder per class holding image files (`clients/images.py`: integer
+  folder names are the labels; colour is kept, every image is resized to the run's size).
 
 Labels are never remapped: a node holding only classes 3 and 7 keeps 3 and 7, so that
 every node and the server agree on what a label means. Labels must be non-negative
@@ -22,19 +19,17 @@ problem and the fix. No torch, Flower, Prefect or minio import.
 
 from __future__ import annotations
 
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from clients.data import Dataset, read_csv, read_npz
+from clients.data import Dataset, Table, read_csv, read_npz
+from clients.images import read_image_folder
 
 DATA_FORMATS = ("auto", "csv", "npz", "image-folder")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MIN_EXAMPLES = 2  # one to train on and one to test on
-_PIXEL_MAX = 255.0  # 8-bit grayscale
 
 
 class NodeDataError(ValueError):
@@ -78,21 +73,29 @@ def resolve_format(path: str | Path, data_format: str = "auto") -> str:
     )
 
 
-def load_node_data(path: str | Path, *, data_format: str = "auto", label_column: str = "label") -> Dataset:
-    """Load a node's own data file with its labels as they are (num_classes: largest label + 1)."""
+def load_node_data(path: str | Path, *, data_format: str = "auto", label_column: str = "label",
+                   image_size: tuple[int, int] | None = None, channels: int | None = None) -> Dataset:
+    """Load a node's own data file with its labels as they are (num_classes: largest label + 1).
+
+    ``image_size`` (H, W) and ``channels`` bring an image folder to the run's input shape
+    (None: the first image's size; grayscale if every image is).
+    """
     path = Path(path)
     fmt = resolve_format(path, data_format)
+    columns, cells = (), None
     if fmt == "image-folder":
-        x, labels = _read_image_folder(path)
+        x, labels = _read_image_folder(path, size=image_size, channels=channels)
     else:
-        x, labels = _read_file(path, fmt, label_column=label_column)
+        table = _read_file(path, fmt, label_column=label_column)
+        x, labels, columns, cells = table.features, table.labels, table.columns, table.cells
     y = _labels(labels, path, fmt=fmt, label_column=label_column)
     if len(y) < MIN_EXAMPLES:
         raise NodeDataError(
             f"node data {str(path)!r} has {len(y)} example(s), expected at least {MIN_EXAMPLES} "
             "(one to train on, one to test on); add examples"
         )
-    return Dataset(x=np.ascontiguousarray(x, dtype=np.float32), y=y, num_classes=int(y.max()) + 1, name=path.name)
+    return Dataset(x=np.ascontiguousarray(x, dtype=np.float32), y=y, num_classes=int(y.max()) + 1, name=path.name,
+                   columns=columns, cells=cells)
 
 
 def summarize(dataset: Dataset, *, path: str | Path, data_format: str = "auto") -> NodeDataSummary:
@@ -132,7 +135,7 @@ def check_compatible(summary: NodeDataSummary, *, input_shape: tuple[int, ...], 
 # --------------------------------------------------------------------------- readers
 
 
-def _read_file(path: Path, fmt: str, *, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_file(path: Path, fmt: str, *, label_column: str) -> Table:
     """Read a CSV or NPZ file with clients.data's readers, turning every failure into one NodeDataError line."""
     if not path.is_file():
         raise NodeDataError(
@@ -144,7 +147,8 @@ def _read_file(path: Path, fmt: str, *, label_column: str) -> tuple[np.ndarray, 
     try:
         if fmt == "csv":
             return read_csv(path, label_column=label_column)
-        return read_npz(path)
+        features, labels = read_npz(path)
+        return Table(features, labels, (), None)
     except UnicodeDecodeError as err:
         raise NodeDataError(
             f"node data {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); save the CSV as UTF-8"
@@ -161,67 +165,12 @@ def _read_file(path: Path, fmt: str, *, label_column: str) -> tuple[np.ndarray, 
         ) from None
 
 
-def _read_image_folder(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a folder of class subfolders into (grayscale images (N, 1, H, W) in [0, 1], labels (N,))."""
-    if not path.is_dir():
-        raise NodeDataError(
-            f"node data {str(path)!r} is not a folder, expected one subfolder of images per class; "
-            "set data-format to csv or npz for a file"
-        )
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise NodeDataError(
-            f"node data {str(path)!r} has no class subfolders; put each class's images in a subfolder "
-            "named by its integer label (0, 1, ...)"
-        )
-    numbered = all(re.fullmatch(r"\d+", name) for name in classes)
-    label_of = {name: int(name) if numbered else i for i, name in enumerate(classes)}
-    images, labels, first = [], [], None
-    for name in classes:
-        for file in sorted((path / name).iterdir()):
-            if file.name.startswith(".") or file.suffix.lower() not in IMAGE_SUFFIXES or not file.is_file():
-                continue
-            pixels = _read_image(file)
-            if first is None:
-                first = (file, pixels.shape)
-            elif pixels.shape != first[1]:
-                raise NodeDataError(
-                    f"node data {str(path)!r}: image {str(file)!r} is {_size(pixels.shape)}, expected "
-                    f"{_size(first[1])} like {first[0].name!r}; resize all images to one size"
-                )
-            images.append(pixels)
-            labels.append(label_of[name])
-    if not images:
-        raise NodeDataError(
-            f"node data {str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class subfolders; "
-            "add images"
-        )
-    return np.stack(images)[:, None, :, :], np.asarray(labels, dtype=np.int64)
-
-
-def _read_image(file: Path) -> np.ndarray:
-    """Read one image as a grayscale float32 (H, W) array in [0, 1]."""
+def _read_image_folder(path: Path, *, size: tuple[int, int] | None, channels: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a folder of class subfolders (clients.images), turning every failure into one NodeDataError line."""
     try:
-        from PIL import Image
-    except ImportError:
-        raise NodeDataError(
-            f"node data image {str(file)!r}: reading image folders needs Pillow, which is not installed; "
-            "pip install pillow, or convert the images to an .npz file"
-        ) from None
-    try:
-        with Image.open(file) as image:
-            grey = image.convert("L")
-    except (OSError, ValueError) as err:
-        raise NodeDataError(
-            f"node data image {str(file)!r} cannot be read ({' '.join(str(err).split())}); "
-            "replace or remove that file"
-        ) from None
-    return np.asarray(grey, dtype=np.float32) / np.float32(_PIXEL_MAX)
-
-
-def _size(shape: tuple[int, ...]) -> str:
-    """Return an image shape (H, W) as "WxH" pixels."""
-    return f"{shape[1]}x{shape[0]} pixels"
+        return read_image_folder(path, size=size, channels=channels, who="node data")
+    except ValueError as err:
+        raise NodeDataError(str(err)) from None
 
 
 def _labels(raw: np.ndarray, path: Path, *, fmt: str, label_column: str) -> np.ndarray:

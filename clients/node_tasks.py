@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import resource
 import time
@@ -25,6 +26,7 @@ from clients._energy import EnergyMeter  # stdlib only: codecarbon loads when a 
 from clients.data import Dataset, load_dataset, node_data, split_local
 from clients.models import Model, build_model
 from clients.node_data import check_compatible, load_node_data, summarize
+from clients.preprocess import local_stats, prepare, spec_digest
 from clients.run_config import ArmRunConfig
 
 KINDS = ("query", "train", "evaluate")
@@ -131,21 +133,27 @@ _splits: OrderedDict[tuple, tuple[Dataset, Dataset]] = OrderedDict()
 
 
 def local_splits(node_config: Mapping[str, object], run: ArmRunConfig, *,
-                 facts: NodeFacts | None = None) -> tuple[Dataset, Dataset]:
+                 facts: NodeFacts | None = None, raw: bool = False) -> tuple[Dataset, Dataset]:
     """Return this node's (local train, local test): a split of its own data file, or of its partition.
 
-    ``facts``: the node config already read (read here when None). A warm worker keeps the last
-    few splits, keyed by everything they are made of (files by path, size and modification time),
-    so a changed file is read again.
+    The splits are as the model sees them (the run's preprocessing spec applied), or with
+    ``raw`` as loaded. ``facts``: the node config already read (read here when None). A warm
+    worker keeps the last few splits, keyed by everything they are made of (files by path,
+    size and modification time), so a changed file is read again.
     """
     facts = facts or node_facts(node_config)
-    paths = ([run.dataset] if Path(run.dataset).suffix else []) + ([facts.data_path] if facts.data_path else [])
+    paths = [run.dataset] if Path(run.dataset).suffix or Path(run.dataset).is_dir() else []
+    paths += [facts.data_path] if facts.data_path else []
     files = tuple(_file_version(path) for path in paths)
-    key = (facts, run.dataset, run.label_column, tuple(sorted(run.data_kwargs().items())), files)
+    key = (facts, run.dataset, run.label_column, run.image_size, tuple(sorted(run.data_kwargs().items())), files,
+           "" if raw else run.preprocessing)
     if key in _splits:
         _splits.move_to_end(key)
         return _splits[key]
     splits = _load_splits(facts, run)
+    if not raw:
+        spec = run.preprocessing_spec
+        splits = (prepare(splits[0], spec), prepare(splits[1], spec))
     _splits[key] = splits
     while len(_splits) > _SPLIT_CACHE_SIZE:
         _splits.popitem(last=False)
@@ -155,7 +163,7 @@ def local_splits(node_config: Mapping[str, object], run: ArmRunConfig, *,
 def _load_splits(facts: NodeFacts, run: ArmRunConfig) -> tuple[Dataset, Dataset]:
     """Load and split this node's data (no cache)."""
     try:
-        dataset = load_dataset(run.dataset, label_column=run.label_column)
+        dataset = load_dataset(run.dataset, label_column=run.label_column, image_size=run.image_shape)
     except ValueError as err:
         if not facts.data_path:
             raise
@@ -166,7 +174,9 @@ def _load_splits(facts: NodeFacts, run: ArmRunConfig) -> tuple[Dataset, Dataset]
     if not facts.data_path:
         return node_data(dataset, partition_id=facts.partition_id, num_partitions=facts.num_partitions,
                          **run.data_kwargs())
-    own = load_node_data(facts.data_path, data_format=facts.data_format, label_column=facts.label_column)
+    image = dataset.input_shape if dataset.kind == "image" else None  # an own image folder takes the run's shape
+    own = load_node_data(facts.data_path, data_format=facts.data_format, label_column=facts.label_column,
+                         image_size=image[1:] if image else None, channels=image[0] if image else None)
     check_compatible(summarize(own, path=facts.data_path, data_format=facts.data_format),
                      input_shape=dataset.input_shape, num_classes=dataset.num_classes)
     own = dataclasses.replace(own, num_classes=dataset.num_classes)  # the model predicts all the run's classes
@@ -188,8 +198,11 @@ def handle(task: Task) -> Result:
 def query(task: Task, facts: NodeFacts) -> Result:
     """Tell the server what this node is: tier, device, data, number of examples and memory (counts only)."""
     run = ArmRunConfig.from_run_config(task.run_config)
-    train_set, test_set = local_splits(task.node_config, run, facts=facts)
+    train_set, test_set = local_splits(task.node_config, run, facts=facts, raw=True)
     device = _detect_device(facts.tier) if facts.device == "auto" else facts.device
+    statistics = {}
+    if run.wants_statistics and train_set.kind == "tabular":  # counts and sums of the training split, no row
+        statistics = {"preprocessing-stats": json.dumps(local_stats(train_set), separators=(",", ":"))}
     return Result({
         "tier": facts.tier,
         "device": device,
@@ -203,6 +216,7 @@ def query(task: Task, facts: NodeFacts) -> Result:
         "memory-mb": _available_memory_mb(),
         **gpu_facts(device),
         "pid": os.getpid(),
+        **statistics,
     })
 
 
@@ -267,8 +281,9 @@ def train(task: Task, facts: NodeFacts) -> Result:
         metrics = model.fit(train_set, epochs=epochs, batch_size=batch_size,
                             learning_rate=float(task.config["learning-rate"]), optimizer=run.optimizer,
                             seed=run.seed + server_round, **wrap)
+    applied = {"preprocessing-digest": float(spec_digest(run.preprocessing_spec))} if run.preprocessing_spec else {}
     values = {"num-examples": len(train_set.y), **_floats(metrics, "num_examples", *_withheld(run)),
-              **_resources(model.device), **energy.metrics("train"), **private}
+              **_resources(model.device), **energy.metrics("train"), **private, **applied}
     return Result(values, arrays=model.get_arrays())
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 AGGREGATIONS = ("fedavg", "fedmedian", "trimmed-mean", "krum")  # server.strategy.AGGREGATIONS, without Flower
+FEDERATED = "federated"  # the node query's preprocessing value: send the statistics of your table
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class ArmRunConfig:
     max_grad_norm: float
     accountant: str
     noise_multiplier: float
+    preprocessing: str
+    image_size: str
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ArmRunConfig:
@@ -79,6 +85,9 @@ class ArmRunConfig:
         if config.accountant not in ("rdp", "prv"):
             raise ValueError(f"run config accountant: expected 'rdp' or 'prv', got {config.accountant!r}")
         config._check_rounds()
+        config.preprocessing_spec  # parse and check it once here: a bad spec fails before any node trains
+        if config.image_size and not re.fullmatch(r"[1-9]\d{0,4}x[1-9]\d{0,4}", config.image_size):
+            raise ValueError(f"run config image-size: expected '' or HEIGHTxWIDTH such as '32x32', got {config.image_size!r}")
         return config
 
     def _check_rounds(self) -> None:
@@ -103,6 +112,36 @@ class ArmRunConfig:
             raise ValueError(f"run config keep-last-rounds: expected 0 (every round) or more, got {self.keep_last_rounds}")
         if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
             raise ValueError(f"run config round-timeout: expected seconds > 0, got {self.round_timeout}")
+
+    @property
+    def image_shape(self) -> tuple[int, int] | None:
+        """Return the (H, W) every image of an image folder is resized to (None: the first image's size)."""
+        if not self.image_size:
+            return None
+        height, width = (int(side) for side in self.image_size.split("x"))
+        return height, width
+
+    @property
+    def wants_statistics(self) -> bool:
+        """Return whether the node query asks the nodes for the preprocessing statistics of their tables."""
+        return self.preprocessing == FEDERATED
+
+    @functools.cached_property
+    def preprocessing_spec(self) -> dict[str, Any] | None:
+        """Return the preprocessing spec the nodes and the server apply (None: features as loaded)."""
+        if self.preprocessing in ("", FEDERATED):
+            return None
+        from clients.preprocess import check_spec  # numpy: loaded only by runs with a spec
+
+        try:
+            spec = json.loads(self.preprocessing)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"run config preprocessing: expected '', {FEDERATED!r} or a spec's JSON, got text that is not "
+                f"JSON ({err.msg} at character {err.pos}); pass the \"preprocessing\" object of a report.json"
+            ) from None
+        check_spec(spec)
+        return spec
 
     @property
     def update_norm_bound(self) -> float | None:

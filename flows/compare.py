@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 
 from clients.centralized import train_centralized
-from clients.data import load_dataset
+from clients.data import Dataset, load_dataset
+from clients.preprocess import PreprocessingError, build_spec, describe, prepare
+from clients.run_config import FEDERATED
 from clients.models import TORCH_MODELS, estimate_training_memory_bytes, resolve_large_model
 from flows.assignment import assign_nodes, node_table
 from flows.config import BUILTIN_DATASETS, CompareConfig, resolve_store_uri, resolve_superlink
@@ -63,8 +66,12 @@ def plan_variants(config: CompareConfig) -> list[list[Variant]]:
 
 def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_key: str,
                 store_uri: str, nodes: list[int], kind: str | None = None,
-                epsilon: float | None = None) -> dict[str, Any]:
-    """Translate the comparison config into the Flower run config of one arm (or the query)."""
+                epsilon: float | None = None, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Translate the comparison config into the Flower run config of one arm (or the query).
+
+    ``preprocessing``: the spec the arm's nodes apply (None: features as loaded); the node
+    query asks for the nodes' statistics instead when the config's preprocessing is federated.
+    """
     data = config.data
     dataset = data.dataset if data.dataset in BUILTIN_DATASETS else str(Path(data.dataset).resolve())
     arm_config = getattr(config, kind or arm)
@@ -88,6 +95,9 @@ def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_k
         "target-epsilon": float(epsilon or privacy.target_epsilon), "delta": privacy.delta,
         "max-grad-norm": privacy.max_grad_norm, "accountant": privacy.accountant,
         "noise-multiplier": float(privacy.noise_multiplier or 0.0),
+        "preprocessing": (FEDERATED if data.preprocessing_mode == "federated" else "") if mode == "query"
+        else json.dumps(preprocessing, separators=(",", ":")) if preprocessing else "",
+        "image-size": "x".join(str(side) for side in data.image_size) if data.image_size else "",
     }
 
 
@@ -152,7 +162,7 @@ _ANY_EPSILON = 1.0  # ArmConfig.model_at(ε) is the same model for every ε
 def resolve_models(config: CompareConfig) -> dict[str, str]:
     """Load the dataset once to check it and resolve each arm's model, and its private runs' model ("large-dp")."""
     try:
-        dataset = load_dataset(config.data.dataset, label_column=config.data.label_column)
+        dataset = _raw(config)
     except (OSError, ValueError) as exc:
         raise ValueError(f"data.dataset: {exc}") from None
     models = {}
@@ -181,6 +191,8 @@ def discover_nodes(config: CompareConfig, run_key: str, store_uri: str, superlin
     if not status.completed:
         raise _failed("the node query", run_id, status.status, superlink)
     answer = store.get_json(federation_key(run_key))
+    if "preprocessing_error" in answer:
+        raise ValueError(f"data.preprocessing: {answer['preprocessing_error']}")
     for node in answer["nodes"]:
         logger.info("node %s: tier %s, device %s, partition %s, %s train / %s test examples",
                     node["node_id"], node["tier"], node["device"], node["partition-id"],
@@ -188,6 +200,40 @@ def discover_nodes(config: CompareConfig, run_key: str, store_uri: str, superlin
     if not answer["nodes"]:
         raise RuntimeError(f"no SuperNode answered at {superlink}: start nodes with `fedcompare up`")
     return answer
+
+
+@task(name="preprocessing")
+def resolve_preprocessing(config: CompareConfig, federation: dict[str, Any]) -> dict[str, Any] | None:
+    """Return the spec every node, the server and the references apply: built from the nodes' statistics, or fixed."""
+    data = config.data
+    mode = data.preprocessing_mode
+    if mode == "none":
+        return None
+    if mode == "fixed":
+        spec = {**data.preprocessing, "source": "fixed"}
+    elif "preprocessing_stats" not in federation:  # images: scaled at load, no statistics
+        return None
+    else:
+        spec = build_spec(federation["preprocessing_stats"], max_categories=data.max_categories,
+                          rare_fraction=data.rare_category_fraction)
+    try:
+        prepare(_raw(config), spec)  # the server's data must fit it too
+    except PreprocessingError as err:
+        raise ValueError(f"data.preprocessing: {err}") from None
+    get_run_logger().info("preprocessing (%s): %s", spec["source"], "; ".join(
+        f"{row['column']}: {row['transform']}" for row in describe(spec)))
+    return spec
+
+
+def _raw(config: CompareConfig) -> Dataset:
+    """Load the run's dataset as the nodes do, before preprocessing."""
+    data = config.data
+    return load_dataset(data.dataset, label_column=data.label_column, image_size=data.image_size)
+
+
+def _prepared(config: CompareConfig, spec: dict[str, Any] | None) -> Dataset:
+    """Return the run's dataset as the models see it: the preprocessing spec applied."""
+    return prepare(_raw(config), spec)
 
 
 def check_privacy(config: CompareConfig, variants: list[Variant], nodes: list[dict[str, Any]],
@@ -232,7 +278,7 @@ def check_privacy(config: CompareConfig, variants: list[Variant], nodes: list[di
 @task(name="train-arm", task_run_name="train-{arm}")
 def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run_key: str,
               store_uri: str, superlink: str, kind: str | None = None,
-              epsilon: float | None = None) -> dict[str, Any]:
+              epsilon: float | None = None, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Submit one arm's Flower run, mirror its rounds into Prefect, and wait for it to end."""
     logger = get_run_logger()
     store = open_store(store_uri)
@@ -243,7 +289,8 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
         description=f"{arm} arm ({model}): rounds completed",
     )
     run_config = _run_config(config, mode="train", arm=arm, model=model, run_key=run_key,
-                             store_uri=store_uri, nodes=nodes, kind=kind, epsilon=epsilon)
+                             store_uri=store_uri, nodes=nodes, kind=kind, epsilon=epsilon,
+                             preprocessing=preprocessing)
     started = time.monotonic()
     run_id = submit_run(run_config, superlink)
     logger.info("%s arm: Flower run %s submitted (%s on nodes %s%s)", arm, run_id, model, nodes,
@@ -305,7 +352,7 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
 @task(name="train-reference", task_run_name="reference-{arm}")
 def train_reference(arm: str, model: str, partition_ids: list[int], num_partitions: int,
                     config: CompareConfig, kind: str | None = None,
-                    epsilon: float | None = None) -> dict[str, Any]:
+                    epsilon: float | None = None, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the arm's model centrally on its nodes' pooled training data, as a labelled reference.
 
     With ``epsilon`` the reference trains with DP-SGD at that ε (over all its epochs) on
@@ -315,7 +362,7 @@ def train_reference(arm: str, model: str, partition_ids: list[int], num_partitio
     privacy = config.privacy
     dp = None if epsilon is None else {"target_epsilon": epsilon, "delta": privacy.delta,
                                        "max_grad_norm": privacy.max_grad_norm, "accountant": privacy.accountant}
-    dataset = load_dataset(config.data.dataset, label_column=config.data.label_column)
+    dataset = _prepared(config, preprocessing)
     result = train_centralized(
         dataset, model_name=model, partition_ids=tuple(partition_ids), num_partitions=num_partitions,
         epochs=config.rounds * arm_config.local_epochs, batch_size=arm_config.batch_size,
@@ -343,18 +390,18 @@ def _versions() -> dict[str, str]:
 
 @task(name="deploy", task_run_name="deploy-{arm}")
 def deploy(arm: str, config: CompareConfig, run_key: str, store_uri: str, partition_ids: list[int] | None,
-           num_partitions: int, private: bool) -> dict[str, Any]:
+           num_partitions: int, private: bool, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export the arm's final model to ONNX, compress and measure it, and store the variants with deploy.json.
 
     ``partition_ids`` None: the nodes' data cannot be pooled (no int8 calibration data).
     """
-    dataset = load_dataset(config.data.dataset, label_column=config.data.label_column)
+    dataset = _prepared(config, preprocessing)
     test, calibration = deployment_data(dataset, partition_ids=partition_ids, num_partitions=num_partitions,
                                         private=private, examples=config.deployment.calibration_examples,
                                         data_kwargs=_data_kwargs(config))
     document = deploy_arm(open_store(store_uri), run_key, arm, dataset=dataset, test=test, calibration_x=calibration,
                           calibration=calibration_source(private=private, pooled=partition_ids is not None),
-                          settings=config.deployment)
+                          settings=config.deployment, preprocessing=preprocessing)
     for name, v in document["variants"].items():
         get_run_logger().info("%s %s: %d bytes, accuracy %.4f, p50 %.3f ms, %.0f/s at batch 64", arm, name,
                               v["bytes"], v["accuracy"], v["latency_ms_p50"], v["throughput_per_s"])
@@ -362,7 +409,8 @@ def deploy(arm: str, config: CompareConfig, run_key: str, store_uri: str, partit
 
 
 def _deploy_all(config: CompareConfig, run_key: str, store_uri: str, nodes: list[dict[str, Any]],
-                assignment: dict[str, list[int]], variants: list[Variant]) -> dict[str, dict[str, Any]]:
+                assignment: dict[str, list[int]], variants: list[Variant],
+                spec: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """Deploy every arm's final model, one after another (each measurement wants the CPU to itself)."""
     if not config.deployment.enabled:
         return {}
@@ -370,7 +418,7 @@ def _deploy_all(config: CompareConfig, run_key: str, store_uri: str, nodes: list
     partitions = {n["node_id"]: n["partition-id"] for n in nodes}
     return {v.name: deploy(v.name, config, run_key, store_uri,
                            sorted(partitions[n] for n in assignment[v.kind]) if pooled else None,
-                           nodes[0]["num-partitions"], v.epsilon is not None)
+                           nodes[0]["num-partitions"], v.epsilon is not None, spec)
             for v in variants}
 
 
@@ -413,7 +461,7 @@ def publish_report(config: CompareConfig, run_key: str, store_uri: str, federati
     return report
 
 
-def _large_need_bytes(config: CompareConfig, models: dict[str, str]) -> int:
+def _large_need_bytes(config: CompareConfig, models: dict[str, str], spec: dict[str, Any] | None) -> int:
     """Estimate the tensor bytes one training step of the large arm holds (0: no estimate needed or possible)."""
     if config.assignment != "by-tier":
         return 0
@@ -426,7 +474,7 @@ def _large_need_bytes(config: CompareConfig, models: dict[str, str]) -> int:
         model = _model(models, "large", epsilon)
         if model not in TORCH_MODELS:
             continue
-        dataset = dataset or load_dataset(config.data.dataset, label_column=config.data.label_column)
+        dataset = dataset or _prepared(config, spec)
         need = max(need, estimate_training_memory_bytes(
             model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
             batch_size=config.large.batch_size, private=epsilon is not None and privacy.mode == "sample-level",
@@ -436,7 +484,8 @@ def _large_need_bytes(config: CompareConfig, models: dict[str, str]) -> int:
 
 
 def _references(config: CompareConfig, models: dict[str, str], nodes: list[dict[str, Any]],
-                assignment: dict[str, list[int]], variants: list[Variant]) -> dict[str, dict[str, Any]]:
+                assignment: dict[str, list[int]], variants: list[Variant],
+                spec: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """Train every arm's central reference on its nodes' pooled partitions; none when nodes hold their own data."""
     if any(n.get("data-source") == "node-file" for n in nodes):
         get_run_logger().info("no central references: nodes hold their own data files, which never leave them")
@@ -446,7 +495,7 @@ def _references(config: CompareConfig, models: dict[str, str], nodes: list[dict[
 
     def reference(name: str, kind: str, epsilon: float | None, model: str) -> dict[str, Any]:
         return train_reference(name, model, sorted(partitions[n] for n in assignment[kind]), num_partitions,
-                               config, kind=kind, epsilon=epsilon)
+                               config, kind=kind, epsilon=epsilon, preprocessing=spec)
 
     plain = {kind: reference(kind, kind, None, models[kind]) for kind in ARMS}
     references = {}
@@ -474,7 +523,10 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
 
     models = resolve_models(config)
     federation = discover_nodes(config, run_key, store_uri, superlink)
-    placed = assign_nodes(federation["nodes"], config.assignment, large_need_bytes=_large_need_bytes(config, models),
+    spec = resolve_preprocessing(config, federation)
+    federation = {**federation, "preprocessing": spec}  # the report describes it; checkpoints hold it in their config
+    placed = assign_nodes(federation["nodes"], config.assignment,
+                          large_need_bytes=_large_need_bytes(config, models, spec),
                           small_on_gpu_nodes=config.small_on_gpu_nodes)
     assignment = placed.nodes
     logger.info("assignment (%s): %s", config.assignment, assignment)
@@ -492,11 +544,12 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
     arms: dict[str, dict[str, Any]] = {}
     for group in groups:
         futures = {v.name: retrying.submit(v.name, _model(models, v.kind, v.epsilon), assignment[v.kind], config,
-                                           run_key, store_uri, superlink, kind=v.kind, epsilon=v.epsilon)
+                                           run_key, store_uri, superlink, kind=v.kind, epsilon=v.epsilon,
+                                           preprocessing=spec)
                    for v in group}
         arms.update({v.name: {**futures[v.name].result(), "kind": v.kind} for v in group})
 
-    references = _references(config, models, federation["nodes"], assignment, variants)
-    deployments = _deploy_all(config, run_key, store_uri, federation["nodes"], assignment, variants)
+    references = _references(config, models, federation["nodes"], assignment, variants, spec)
+    deployments = _deploy_all(config, run_key, store_uri, federation["nodes"], assignment, variants, spec)
     report = publish_report(config, run_key, store_uri, federation, assignment, arms, references, deployments)
     return {"run_key": run_key, "summary": summary_rows(report)}

@@ -6,13 +6,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from clients.preprocess import PreprocessingError, check_spec
 from flows.decision import CostModel
 
-BUILTIN_DATASETS = ("mnist", "digits", "breast-cancer")
+BUILTIN_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer")
 DATA_SUFFIXES = (".csv", ".npz")
 DEFAULT_SUPERLINK = "127.0.0.1:8000"
 _ADDRESS = re.compile(r"^[A-Za-z0-9.\-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
@@ -27,7 +28,8 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """What data the nodes train on and how it is split between them."""
 
-    # mnist (5,000 real MNIST images), digits, breast-cancer, or a path to a .csv/.npz file
+    # mnist (5,000 real MNIST images), fashion-mnist (70,000 images; Debian's dataset-fashion-mnist),
+    # digits, breast-cancer, a path to a .csv/.npz file, or an image folder (one subfolder per class)
     dataset: str = "mnist"
     # name of the label column when `dataset` is a CSV file
     label_column: str = "label"
@@ -41,17 +43,59 @@ class DataConfig(_Strict):
     central_test_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     # share of each node's partition kept as that node's local test split
     local_test_fraction: float = Field(0.15, gt=0.0, lt=0.9)
+    # [height, width] every image of an image folder is resized to (empty: the first image's size); colour
+    # images keep their three channels
+    image_size: tuple[int, int] | None = None
+    # how a table becomes features: "federated" standardizes numbers, one-hot encodes text (categorical)
+    # columns and fills empty cells, with statistics the nodes compute on their training splits and the
+    # server adds up (clients/preprocess.py); "none" uses the features as loaded (text or empty cells are
+    # refused); or a fixed spec object (the "preprocessing" object of an earlier report.json, or your own).
+    # "auto": federated for a .csv/.npz file, none for the built-in sets (scaled at load by known constants).
+    # Under privacy the statistics are not covered by ε, so a private run takes a fixed spec or none
+    preprocessing: Literal["auto", "federated", "none"] | dict[str, Any] = "auto"
+    # one-hot columns per categorical column, the shared "other" column included
+    max_categories: int = Field(32, ge=2, le=1024)
+    # a category seen in fewer than this share of its column's values goes to the "other" column
+    rare_category_fraction: float = Field(0.01, ge=0.0, lt=0.5)
 
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
         """Accept a built-in dataset name or a path to a CSV/NPZ file."""
-        if value in BUILTIN_DATASETS or value.lower().endswith(DATA_SUFFIXES):
+        if value in BUILTIN_DATASETS or value.lower().endswith(DATA_SUFFIXES) or Path(value).is_dir():
             return value
         raise ValueError(
-            f"expected one of {', '.join(BUILTIN_DATASETS)} or a path ending in "
-            f".csv or .npz, got {value!r}"
+            f"expected one of {', '.join(BUILTIN_DATASETS)}, a path ending in .csv or .npz, or an image "
+            f"folder (one subfolder per class) that exists here, got {value!r}"
         )
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        """Accept no size or (height, width) of 4 to 4096 pixels each."""
+        if value is not None and not all(4 <= side <= 4096 for side in value):
+            raise ValueError(f"expected [height, width] of 4 to 4096 pixels each, got {list(value)}")
+        return value
+
+    @field_validator("preprocessing")
+    @classmethod
+    def _spec(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        """Accept a mode, or a fixed spec that clients.preprocess can apply."""
+        if isinstance(value, dict):
+            try:
+                check_spec(value)
+            except PreprocessingError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @property
+    def preprocessing_mode(self) -> Literal["federated", "none", "fixed"]:
+        """Return how this run's tables become features, "auto" resolved."""
+        if isinstance(self.preprocessing, dict):
+            return "fixed"
+        if self.preprocessing == "auto":
+            return "none" if self.dataset in BUILTIN_DATASETS else "federated"
+        return self.preprocessing
 
 
 class ArmConfig(_Strict):
@@ -291,6 +335,13 @@ class CompareConfig(_Strict):
                 f"privacy.mode: sample-level DP-SGD (Opacus) trains PyTorch models, but small.{field} is the "
                 f"scikit-learn 'logreg': set small.{field} to 'torch-logreg', privacy.mode to 'client-level', "
                 "or privacy.arms to 'large'"
+            )
+        if self.privacy.mode != "none" and self.data.preprocessing_mode == "federated":
+            raise ValueError(
+                f"data.preprocessing: {self.data.preprocessing!r} would compute the nodes' feature means, ranges and "
+                f"category counts outside the privacy budget of privacy.mode {self.privacy.mode!r}; give "
+                "data.preprocessing a fixed spec (the \"preprocessing\" object of the report.json of a run without "
+                "privacy, or your own) or 'none'"
             )
         for kind in ("large", "small"):
             aggregation = getattr(self, kind).aggregation

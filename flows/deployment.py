@@ -189,7 +189,9 @@ def deployment_explained(report: dict[str, Any]) -> str:
                         for v, why in s["deployment"]["skipped"].items())
     return (
         "Each arm's final global model (round " f"{d['training_round']}) is exported to ONNX (opset {d['opset']}) with "
-        "its input scaling inside the graph and served by onnxruntime on this machine's CPU with "
+        + ("the preprocessing spec's features as its input (deploy.json's input.preprocessing says how a raw row "
+           "is encoded)" if (report.get("federation") or {}).get("preprocessing") else "its input scaling inside the graph")
+        + " and served by onnxruntime on this machine's CPU with "
         f"{d['threads']} threads. Variants: " + "; ".join(f"*{k}* — {m}" for k, m in VARIANT_MEANING.items()) +
         f". int8 calibration: {d['calibration']}. Accuracy is each variant's own, on the central test set; "
         "*max Δp* is the largest difference of a class probability from the framework's. Latency: batch 1, "
@@ -241,11 +243,13 @@ def deployment_data(dataset: Any, *, partition_ids: list[int] | None, num_partit
 
 
 def deploy_arm(store: Any, run_key: str, arm: str, *, dataset: Any, test: Any, calibration_x: Any,
-               calibration: str, settings: Any) -> dict[str, Any]:
+               calibration: str, settings: Any, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export, compress and measure an arm's final stored model; write the variants and deploy.json; return it.
 
     ``dataset`` is the run's dataset, ``test`` the central test set (or the examples to
-    measure accuracy on), ``calibration_x`` int8 calibration inputs (None: no int8).
+    measure accuracy on), ``calibration_x`` int8 calibration inputs (None: no int8),
+    ``preprocessing`` the spec that turned the raw table into the model's features (stored
+    in deploy.json so that a client encodes its rows the same way).
     """
     from clients.inference import InferenceSettings, deploy_variants
     from clients.models import build_model
@@ -272,7 +276,10 @@ def deploy_arm(store: Any, run_key: str, arm: str, *, dataset: Any, test: Any, c
         "input": {"name": "input", "shape": ["batch", *first["input_shape"]], "example_shape": first["input_shape"],
                   "dtype": "float32", "raw_input_max": first["raw_input_max"],
                   "units": (f"raw values 0..{first['raw_input_max']:g} (the graph divides by {first['raw_input_max']:g})"
-                            if first["raw_input_max"] else "the features as the dataset loads them")},
+                            if first["raw_input_max"] else
+                            "the features after input.preprocessing (clients.preprocess.apply_spec)" if preprocessing
+                            else "the features as the dataset loads them"),
+                  **({"preprocessing": preprocessing} if preprocessing else {})},
         "output": {"name": "probabilities", "dtype": "float32", "classes": int(dataset.num_classes)},
         "calibration": calibration, "skipped": result["skipped"], "framework_accuracy": result["framework_accuracy"],
         "test_examples": len(test), "onnxruntime": onnxruntime.__version__,

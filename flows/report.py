@@ -10,7 +10,7 @@ import numpy as np
 from flows.decision import CostModel, price, recommend, round_costs, time_to_target
 from flows.deployment import add_serving, render_section
 from flows.tables import (
-    by_arm, federation_rows, node_names, node_rows, round_rows, with_node_names,
+    by_arm, federation_rows, node_names, node_rows, preprocessing_lines, round_rows, with_node_names,
 )
 from flows.tables import markdown_table as _table
 
@@ -442,6 +442,7 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
         _energy_explained(report),
         "",
     ]
+    parts += preprocessing_lines(report)
     private = privacy_rows(report)
     if private:
         parts += ["## Privacy", PRIVACY_EXPLAINED, "", _table(by_arm(private)), ""]

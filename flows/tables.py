@@ -123,3 +123,24 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(format_cell(row[h]) for h in header) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+_MAX_SPEC_ROWS = 40  # columns listed in the report's preprocessing table; the rest are counted
+
+
+def preprocessing_lines(report: dict[str, Any]) -> list[str]:
+    """Return the report's Preprocessing section: where the spec came from and what it does per column."""
+    from clients.preprocess import describe
+
+    spec = (report.get("federation") or {}).get("preprocessing")
+    if not spec:
+        return []
+    source = ("built from the statistics of the nodes' training splits (counts, sums, sums of squares, ranges and "
+              f"category counts of {spec['rows']} rows on {spec['nodes']} nodes; no row left a node)"
+              if spec["source"] == "federated" else "fixed in the config (data.preprocessing)")
+    rows = describe(spec)
+    more = len(rows) - _MAX_SPEC_ROWS
+    return ["## Preprocessing", f"One spec for every node, the server's central test set, the central references "
+            f"and the exported models: {source}. It is stored in every checkpoint's config and in "
+            "report.json (federation.preprocessing).", "", markdown_table(rows[:_MAX_SPEC_ROWS]),
+            *([f"... and {more} more columns (report.json lists them all)."] if more > 0 else []), ""]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -15,6 +16,7 @@ from flwr.serverapp import Grid
 
 from clients.data import central_test, load_dataset
 from clients.models import build_model
+from clients.preprocess import PreprocessingError, merge_stats, prepare
 from clients.run_config import ArmRunConfig
 from infra.checkpoints import (
     CheckpointError, federation_key, load_latest_good, read_manifest, rewind, round_metrics, write_round,
@@ -45,9 +47,22 @@ def query_federation(grid: Grid, run: ArmRunConfig, store: Store) -> dict[str, A
             nodes.append({"node_id": node, **dict(reply.content["node"])})
     answered = {n["node_id"] for n in nodes} | {f["node_id"] for f in failures}
     failures += [{"node_id": n, "reason": "no reply before the timeout"} for n in node_ids if n not in answered]
-    answer = {"nodes": sorted(nodes, key=lambda n: n["partition-id"]), "failures": failures, "asked_at": _now()}
+    nodes.sort(key=lambda n: n["partition-id"])
+    answer = {"nodes": nodes, "failures": failures, "asked_at": _now(), **_federated_statistics(nodes, run)}
     store.put_json(federation_key(run.run_key), answer)
     return answer
+
+
+def _federated_statistics(nodes: list[dict[str, Any]], run: ArmRunConfig) -> dict[str, Any]:
+    """Add up the nodes' preprocessing statistics (and take them off the node entries): only the sums are stored."""
+    parts = [(f"node {n['node_id']}", json.loads(n.pop("preprocessing-stats"))) for n in nodes
+             if "preprocessing-stats" in n]
+    if not run.wants_statistics or not parts:
+        return {}
+    try:
+        return {"preprocessing_stats": merge_stats([p for _, p in parts], names=[name for name, _ in parts])}
+    except PreprocessingError as err:
+        return {"preprocessing_error": str(err)}
 
 
 def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -68,7 +83,8 @@ def _now() -> str:
 def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
     """Train one arm over its nodes with the arm's aggregation, checkpointing every round to the store."""
     random.seed(run.seed)  # Flower's node sampling uses the global `random`
-    dataset = load_dataset(run.dataset, label_column=run.label_column)
+    dataset = prepare(load_dataset(run.dataset, label_column=run.label_column, image_size=run.image_shape),
+                      run.preprocessing_spec)
     test = central_test(dataset, central_test_fraction=run.central_test_fraction, seed=run.seed)
     model = build_model(run.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
                         seed=run.seed, device="cpu", private=run.privacy_mode == "sample-level")

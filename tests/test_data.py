@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from clients.data import (
+    FASHION_MNIST_DIR,
     Dataset,
     central_test,
     load_dataset,
@@ -205,8 +206,22 @@ def test_csv_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
         load_dataset(str(tmp_path / "missing.csv"))
     with pytest.raises(ValueError, match=r"node\.csv.*no label column 'label'.*columns: a, b.*data\.label_column"):
         load_dataset(str(path))
-    with pytest.raises(ValueError, match=r"node\.csv.*column 'b' holds 'x', expected a number"):
+    with pytest.raises(ValueError, match=r"node\.csv.*column 'b' holds 'inf'; replace infinite values"):
+        path.write_text("a,b\n1,x\n2,inf\n")
         load_dataset(str(path), label_column="a")
+
+
+def test_csv_keeps_text_and_empty_cells_for_the_preprocessing_spec(tmp_path: Path) -> None:
+    path = tmp_path / "node.csv"
+    path.write_text("age,city,label\n31,Paris,1\n,Rome,0\n40,,1\n")
+
+    ds = load_dataset(str(path))
+
+    assert ds.columns == ("age", "city") and ds.raw
+    assert ds.cells.tolist() == [["31", "Paris"], ["", "Rome"], ["40", ""]]
+    assert np.isnan(ds.x[1, 0]) and ds.x[0, 0] == 31.0 and np.isnan(ds.x[:, 1]).all()
+    assert ds.subset(np.array([2, 0])).cells.tolist() == [["40", ""], ["31", "Paris"]]
+    assert not load_dataset("digits").raw
 
 
 def test_npz_loads_images_and_tabular_data(tmp_path: Path) -> None:
@@ -227,7 +242,8 @@ def test_npz_without_labels_is_rejected(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_lists_the_accepted_names() -> None:
-    accepted = "expected one of mnist, digits, breast-cancer or a path ending in .csv or .npz"
+    accepted = ("expected one of mnist, fashion-mnist, digits, breast-cancer, a path ending in .csv or .npz or an "
+                "image folder")
     with pytest.raises(ValueError, match=accepted):
         load_dataset("cifar10")
 
@@ -281,3 +297,21 @@ def test_a_warm_cache_loads_and_splits_shipped_data_without_scikit_learn(
     recomputed = node_data(load_dataset("digits"), partition_id=1, num_partitions=4, scheme="dirichlet", seed=3,
                            alpha=0.5, classes_per_node=2, central_test_fraction=0.2, local_test_fraction=0.15)
     assert all(np.array_equal(a.y, b.y) and np.array_equal(a.x, b.x) for a, b in zip(cached, recomputed))
+
+
+@pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="needs Debian's dataset-fashion-mnist (make setup installs it as root)")
+def test_fashion_mnist_holds_the_70000_debian_images_in_ten_balanced_classes() -> None:
+    ds = load_dataset("fashion-mnist")
+
+    assert ds.x.shape == (70000, 1, 28, 28) and ds.kind == "image" and ds.num_classes == 10
+    assert ds.x.dtype == np.float32 and 0.0 <= ds.x.min() and ds.x.max() == 1.0
+    assert np.bincount(ds.y).tolist() == [7000] * 10
+    assert ds.y[:4].tolist() == [9, 0, 0, 3], "the package's training file comes first, in its own order"
+
+
+def test_fashion_mnist_without_its_files_says_how_to_install_them(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FEDCOMPARE_FASHION_MNIST_DIR", str(tmp_path))
+
+    with pytest.raises(ValueError, match=r"needs its idx files in .*apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist")

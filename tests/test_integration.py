@@ -26,7 +26,7 @@ import pytest
 from clients.data import central_test, load_dataset
 from clients.models import build_model
 from flows.config import CompareConfig
-from infra.checkpoints import load_latest, load_round, read_manifest, report_key
+from infra.checkpoints import load_latest, load_round, read_manifest, report_key, round_metrics
 from infra.store import open_store
 from tests.accounting import independent_epsilon
 
@@ -349,6 +349,41 @@ def test_client_level_dp_of_the_scikit_learn_model_completes_and_reports_epsilon
                                                                                             rel=0.01)
     assert report["recommendation"]["choice"] in (None, "small-eps8"), "only a private arm may be recommended"
     assert "DP ε spent" in output
+
+
+@pytest.fixture(scope="module")
+def table_run(stack, tmp_path_factory):
+    """A user's own table: the unscaled wine CSV (0.13 to 1,680) with a categorical column and empty cells."""
+    from tests.test_preprocess import write_wine
+
+    table = write_wine(tmp_path_factory.mktemp("table") / "wine.csv", categorical=True, missing=0.05)
+    config = {"rounds": 3, "data": {"dataset": str(table)}, "deployment": {"enabled": False}}
+    return _demo(stack, "--config", json.dumps(config))
+
+
+def test_an_unscaled_table_with_categories_and_empty_cells_trains_like_its_central_reference(table_run):
+    from clients.preprocess import spec_digest
+
+    state, run_id, _ = table_run
+    store = open_store(f"file://{state}/store")
+    report = store.get_json(report_key(run_id))
+    spec = report["federation"]["preprocessing"]
+
+    # one spec from the 4 nodes' statistics: standardized numbers, one-hot categories, filled cells
+    assert spec["source"] == "federated" and spec["nodes"] == 4
+    kinds = {c["name"]: c["kind"] for c in spec["columns"]}
+    assert kinds["cellar"] == "categorical" and kinds["proline"] == "numeric" and len(kinds) == 14
+    assert sum(c["missing"] for c in spec["columns"]) > 0
+    assert not any("preprocessing-stats" in n for n in report["federation"]["nodes"]), "only the sums are kept"
+    for arm in ("large", "small"):
+        s = report["arms"][arm]
+        # the same model trained centrally on the standardized pooled data is the yardstick
+        assert s["final_accuracy"] >= s["reference"]["accuracy"] - 0.02, (arm, s["final_accuracy"], s["reference"])
+        # every node applied the same spec in every round, and the checkpoint holds it
+        digests = {n["train"]["preprocessing-digest"] for m in round_metrics(store, run_id, arm) for n in m["nodes"]}
+        assert digests == {float(spec_digest(spec))}, arm
+        checkpoint = store.get_json(f"runs/{run_id}/{arm}/round-0003/checkpoint.json")
+        assert json.loads(checkpoint["config"]["preprocessing"]) == spec
 
 
 def test_up_on_a_port_in_use_fails_in_one_line(tmp_path):

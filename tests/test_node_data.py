@@ -86,6 +86,26 @@ def test_image_folder_loads_grayscale_images_of_one_size(tmp_path: Path) -> None
     assert ds.x.min() == 0.0 and ds.x.max() == pytest.approx(0.4)  # pixel 102 of 255
 
 
+def test_an_image_folder_of_mixed_sizes_and_colours_keeps_three_channels_at_one_size(tmp_path: Path) -> None:
+    image = pytest.importorskip("PIL.Image", reason="image folders need Pillow")
+    (tmp_path / "imgs" / "0").mkdir(parents=True)
+    (tmp_path / "imgs" / "1").mkdir()
+    red = np.zeros((8, 10, 3), np.uint8)
+    red[..., 0] = 255
+    image.fromarray(red, mode="RGB").save(tmp_path / "imgs" / "0" / "a.png")  # 10x8: the first sets the size
+    image.fromarray(np.full((16, 12, 3), (0, 0, 255), np.uint8), mode="RGB").save(tmp_path / "imgs" / "1" / "b.jpg")
+    image.fromarray(np.full((5, 5), 255, np.uint8), mode="L").save(tmp_path / "imgs" / "1" / "c.png")
+
+    ds = load_node_data(tmp_path / "imgs")
+    resized = load_node_data(tmp_path / "imgs", image_size=(6, 6))
+
+    assert ds.x.shape == (3, 3, 8, 10) and ds.y.tolist() == [0, 1, 1]
+    assert ds.x[0, 0].min() == 1.0 and ds.x[0, 1:].max() == 0.0, "red stays in the red channel"
+    assert ds.x[1, 2].mean() > 0.95 and ds.x[1, :2].mean() < 0.05, "blue stays blue after resizing"
+    assert np.allclose(ds.x[2], 1.0), "a gray image joins as three equal channels"
+    assert resized.x.shape == (3, 3, 6, 6)
+
+
 def test_image_folder_labels(tmp_path: Path) -> None:
     write_images(tmp_path / "numbered", {"3": [(5, 5)] * 2, "12": [(5, 5)] * 3})
     write_images(tmp_path / "named", {"dog": [(5, 5)] * 2, "cat": [(5, 5)] * 3, "bird": []})
@@ -138,8 +158,8 @@ def test_unreadable_files(tmp_path: Path) -> None:
 
 def test_csv_content_errors(tmp_path: Path) -> None:
     (tmp_path / "nolabel.csv").write_text("a,b\n1,2\n3,4\n")
-    (tmp_path / "text.csv").write_text("label,a,b\n1,2,3\n0,4,x\n")
-    (tmp_path / "nan.csv").write_text("label,a\n1,2\n0,nan\n")
+    (tmp_path / "inf.csv").write_text("label,a,b\n1,2,3\n0,4,inf\n")
+    (tmp_path / "nolabelcell.csv").write_text("label,a\n1,2\n,4\n")
     (tmp_path / "ragged.csv").write_text("label,a\n1,2\n0,4,5\n")
     (tmp_path / "header.csv").write_text("label,a\n")
     (tmp_path / "one.csv").write_text("label,a\n1,2\n")
@@ -148,8 +168,8 @@ def test_csv_content_errors(tmp_path: Path) -> None:
 
     one_line_error(tmp_path / "nolabel.csv",
                    r"no label column 'label' \(columns: a, b\).*--label-column for `fedcompare node start`")
-    one_line_error(tmp_path / "text.csv", r"line 3 column 'b' holds 'x', expected a number")
-    one_line_error(tmp_path / "nan.csv", r"missing or infinite.*impute or drop")
+    one_line_error(tmp_path / "inf.csv", r"line 3 column 'b' holds 'inf'; replace infinite values")
+    one_line_error(tmp_path / "nolabelcell.csv", r"line 3 has no label; label or drop the row")
     one_line_error(tmp_path / "ragged.csv", r"line 3 has 3 fields, expected 2.*fix the row")
     one_line_error(tmp_path / "header.csv", r"no data rows")
     one_line_error(tmp_path / "one.csv", r"has 1 example\(s\), expected at least 2.*add examples")
@@ -167,7 +187,7 @@ def test_npz_content_errors(tmp_path: Path) -> None:
     one_line_error(tmp_path / "nox.npz", r"lacks array\(s\) x .*np\.savez")
     one_line_error(tmp_path / "noy.npz", r"lacks array\(s\) y .*np\.savez")
     one_line_error(tmp_path / "short.npz", r"got x \(3, 2\) and y \(2,\); save one label per example")
-    one_line_error(tmp_path / "inf.npz", r"missing or infinite feature value \(example 1\)")
+    one_line_error(tmp_path / "inf.npz", r"infinite feature value \(example 1\)")
     one_line_error(tmp_path / "frac.npz", r"array 'y' example 0 is 0.5, expected a non-negative integer")
 
 
@@ -178,8 +198,8 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     write_images(tmp_path / "broken", {"0": [(5, 5)] * 2})
     (tmp_path / "broken" / "0" / "bad.png").write_bytes(b"not a png")
 
-    message = one_line_error(tmp_path / "mixed", r"image .*1\.png' is 6x5 pixels, expected 5x5 pixels.*resize")
-    assert "mixed/1/1.png" in message
+    one_line_error(tmp_path / "mixed", r"image size 3x3 is too small; use at least 4x4 pixels \(data.image_size\)",
+                   image_size=(3, 3))
     one_line_error(tmp_path / "flat", r"no class subfolders")
     one_line_error(tmp_path / "hollow", r"holds no images")
     one_line_error(tmp_path / "broken", r"bad\.png' cannot be read.*replace or remove")

@@ -282,9 +282,9 @@ def test_an_arm_can_train_a_more_compact_model_under_dp():
     plain = estimate_training_memory_bytes("cnn", private=False, optimizer="adam", **shape)
     private = estimate_training_memory_bytes("cnn-dp", private=True, optimizer="sgd", **shape)
     assert plain > private, "the 1.3M-parameter CNN needs more than the compact one even with DP-SGD"
-    assert _large_need_bytes(config, models) == plain, "by-tier sizes nodes for the larger of the arm's runs"
+    assert _large_need_bytes(config, models, None) == plain, "by-tier sizes nodes for the larger of the arm's runs"
     only_private = CompareConfig.model_validate({**settings, "privacy": {"mode": "sample-level"}})
-    assert _large_need_bytes(only_private, models) == private
+    assert _large_need_bytes(only_private, models, None) == private
 
     with pytest.raises(ValueError, match="large.dp_model: expected one of auto, cnn, cnn-dp, mlp, got 'logreg'"):
         CompareConfig.model_validate({**settings, "large": {**settings["large"], "dp_model": "logreg"}})
