@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clients.data import central_test, load_dataset
@@ -384,6 +385,40 @@ def test_an_unscaled_table_with_categories_and_empty_cells_trains_like_its_centr
         assert digests == {float(spec_digest(spec))}, arm
         checkpoint = store.get_json(f"runs/{run_id}/{arm}/round-0003/checkpoint.json")
         assert json.loads(checkpoint["config"]["preprocessing"]) == spec
+
+
+@pytest.fixture(scope="module")
+def colour_run(stack, tmp_path_factory):
+    """An RGB image folder of mixed sizes: MNIST digits 0-2 drawn in random colours, 20 to 32 pixels a side."""
+    from PIL import Image
+
+    mnist = load_dataset("mnist")
+    folder = tmp_path_factory.mktemp("colour") / "digits"
+    rng = np.random.default_rng(0)
+    for digit in range(3):
+        (folder / str(digit)).mkdir(parents=True)
+        for i, pixels in enumerate(mnist.x[mnist.y == digit][:40, 0]):
+            colour = rng.uniform(0.3, 1.0, size=3)
+            rgb = (pixels[..., None] * colour * 255).astype(np.uint8)
+            side = int(rng.integers(20, 33))
+            Image.fromarray(rgb, mode="RGB").resize((side, side)).save(folder / str(digit) / f"{i}.png")
+    config = {"rounds": 1, "data": {"dataset": str(folder), "image_size": [24, 24]},
+              "deployment": {"enabled": False}}
+    return _demo(stack, "--config", json.dumps(config))
+
+
+def test_an_rgb_image_folder_of_mixed_sizes_trains_with_its_three_channels(colour_run):
+    state, run_id, _ = colour_run
+    store = open_store(f"file://{state}/store")
+    report = store.get_json(report_key(run_id))
+
+    for arm, model in (("large", "cnn"), ("small", "logreg")):
+        checkpoint = store.get_json(f"runs/{run_id}/{arm}/round-0001/checkpoint.json")
+        assert checkpoint["model"]["name"] == model
+        assert checkpoint["model"]["args"]["input_shape"] == [3, 24, 24], "three channels, resized to image_size"
+        assert 0.0 <= report["arms"][arm]["final_accuracy"] <= 1.0
+    assert report["federation"]["preprocessing"] is None, "images need no statistics"
+    assert sum(n["num-train"] + n["num-test"] for n in report["federation"]["nodes"]) == 96  # 120 less the 20%
 
 
 def test_up_on_a_port_in_use_fails_in_one_line(tmp_path):

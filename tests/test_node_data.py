@@ -220,9 +220,9 @@ def test_check_compatible_accepts_a_fitting_node_and_rejects_both_mismatches() -
         check_compatible(high, input_shape=(64,), num_classes=10)
 
 
-def test_node_data_imports_no_torch_flower_prefect_or_minio() -> None:
+def test_node_data_preprocessing_and_images_import_no_torch_flower_prefect_or_minio() -> None:
     code = (
-        "import sys, clients.node_data\n"
+        "import sys, clients.node_data, clients.preprocess, clients.images\n"
         "print(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'flwr', 'prefect', 'minio'}))\n"
     )
 
