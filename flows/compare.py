@@ -95,7 +95,7 @@ def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_k
         "target-epsilon": float(epsilon or privacy.target_epsilon), "delta": privacy.delta,
         "max-grad-norm": privacy.max_grad_norm, "accountant": privacy.accountant,
         "noise-multiplier": float(privacy.noise_multiplier or 0.0),
-        "preprocessing": (FEDERATED if data.preprocessing_mode == "federated" else "") if mode == "query"
+        "preprocessing": (FEDERATED if _preprocessing_mode(config) == "federated" else "") if mode == "query"
         else json.dumps(preprocessing, separators=(",", ":")) if preprocessing else "",
         "image-size": "x".join(str(side) for side in data.image_size) if data.image_size else "",
     }
@@ -206,8 +206,15 @@ def discover_nodes(config: CompareConfig, run_key: str, store_uri: str, superlin
 def resolve_preprocessing(config: CompareConfig, federation: dict[str, Any]) -> dict[str, Any] | None:
     """Return the spec every node, the server and the references apply: built from the nodes' statistics, or fixed."""
     data = config.data
-    mode = data.preprocessing_mode
+    mode = _preprocessing_mode(config)
     if mode == "none":
+        if _raw(config).raw:
+            raise ValueError(f"data.preprocessing: {mode!r} (features as loaded) cannot train on {data.dataset!r}, "
+                             "which has text or empty cells: give data.preprocessing a fixed spec"
+                             + ("" if config.privacy.mode != "none" else " or 'federated'"))
+        if data.preprocessing == "auto" and config.privacy.mode != "none" and data.dataset.lower().endswith(".csv"):
+            get_run_logger().warning("data.preprocessing 'auto' under privacy: the table trains as loaded, unscaled "
+                                     "(federated statistics would not be covered by ε); give a fixed spec to scale it")
         return None
     if mode == "fixed":
         spec = {**data.preprocessing, "source": "fixed"}
@@ -223,6 +230,11 @@ def resolve_preprocessing(config: CompareConfig, federation: dict[str, Any]) -> 
     get_run_logger().info("preprocessing (%s): %s", spec["source"], "; ".join(
         f"{row['column']}: {row['transform']}" for row in describe(spec)))
     return spec
+
+
+def _preprocessing_mode(config: CompareConfig) -> str:
+    """Return how the run's tables become features: federated, none or fixed ("auto" resolved)."""
+    return config.data.preprocessing_mode(private=config.privacy.mode != "none")
 
 
 def _raw(config: CompareConfig) -> Dataset:

@@ -50,8 +50,9 @@ class DataConfig(_Strict):
     # columns and fills empty cells, with statistics the nodes compute on their training splits and the
     # server adds up (clients/preprocess.py); "none" uses the features as loaded (text or empty cells are
     # refused); or a fixed spec object (the "preprocessing" object of an earlier report.json, or your own).
-    # "auto": federated for a .csv/.npz file, none for the built-in sets (scaled at load by known constants).
-    # Under privacy the statistics are not covered by ε, so a private run takes a fixed spec or none
+    # "auto": federated for a .csv/.npz file, none for the built-in sets (scaled at load by known constants)
+    # and image folders. Under privacy the statistics are not covered by ε, so a private run refuses
+    # "federated" and "auto" means none: give a fixed spec to scale a private run's table
     preprocessing: Literal["auto", "federated", "none"] | dict[str, Any] = "auto"
     # one-hot columns per categorical column, the shared "other" column included
     max_categories: int = Field(32, ge=2, le=1024)
@@ -88,13 +89,13 @@ class DataConfig(_Strict):
                 raise ValueError(str(err)) from None
         return value
 
-    @property
-    def preprocessing_mode(self) -> Literal["federated", "none", "fixed"]:
-        """Return how this run's tables become features, "auto" resolved."""
+    def preprocessing_mode(self, *, private: bool) -> Literal["federated", "none", "fixed"]:
+        """Return how this run's tables become features, "auto" resolved ("none" for a ``private`` run)."""
         if isinstance(self.preprocessing, dict):
             return "fixed"
         if self.preprocessing == "auto":
-            return "none" if self.dataset in BUILTIN_DATASETS else "federated"
+            builtin_or_images = self.dataset in BUILTIN_DATASETS or not self.dataset.lower().endswith(DATA_SUFFIXES)
+            return "none" if builtin_or_images or private else "federated"
         return self.preprocessing
 
 
@@ -336,7 +337,7 @@ class CompareConfig(_Strict):
                 f"scikit-learn 'logreg': set small.{field} to 'torch-logreg', privacy.mode to 'client-level', "
                 "or privacy.arms to 'large'"
             )
-        if self.privacy.mode != "none" and self.data.preprocessing_mode == "federated":
+        if self.privacy.mode != "none" and self.data.preprocessing == "federated":
             raise ValueError(
                 f"data.preprocessing: {self.data.preprocessing!r} would compute the nodes' feature means, ranges and "
                 f"category counts outside the privacy budget of privacy.mode {self.privacy.mode!r}; give "

@@ -248,3 +248,27 @@ def test_robust_aggregation_with_client_level_dp_is_refused_naming_the_arm():
     allowed = CompareConfig.model_validate({"small": {"model": "logreg", "learning_rate": 0.01, "aggregation": "krum"},
                                             "privacy": {"mode": "client-level", "arms": "large"}})
     assert allowed.small.aggregation == "krum"
+
+
+def test_preprocessing_auto_is_federated_for_a_file_and_none_for_built_ins_images_and_private_runs(tmp_path) -> None:
+    (tmp_path / "images" / "0").mkdir(parents=True)
+
+    def mode(dataset: str, private: bool = False) -> str:
+        return CompareConfig.model_validate({"data": {"dataset": dataset}}).data.preprocessing_mode(private=private)
+
+    assert mode("/data/site.csv") == "federated" and mode("/data/site.npz") == "federated"
+    assert mode("digits") == "none" and mode(str(tmp_path / "images")) == "none"
+    assert mode("/data/site.csv", private=True) == "none"
+
+
+def test_a_private_run_refuses_federated_statistics_and_takes_a_fixed_spec() -> None:
+    spec = {"version": 1, "columns": [{"name": "age", "kind": "numeric", "mean": 40.0, "std": 12.0, "fill": 40.0}]}
+    private = {"privacy": {"mode": "client-level"}}
+
+    with pytest.raises(ValidationError, match=r"data.preprocessing: 'federated' would compute the nodes' feature "
+                                              r"means.*outside the privacy budget.*fixed spec"):
+        CompareConfig.model_validate({**private, "data": {"dataset": "/d/a.csv", "preprocessing": "federated"}})
+    fixed = CompareConfig.model_validate({**private, "data": {"dataset": "/d/a.csv", "preprocessing": spec}})
+    assert fixed.data.preprocessing_mode(private=True) == "fixed"
+    with pytest.raises(ValidationError, match=r"column 'age' needs std > 0"):
+        CompareConfig.model_validate({"data": {"preprocessing": {**spec, "columns": [{**spec["columns"][0], "std": 0}]}}})

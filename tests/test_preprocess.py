@@ -167,3 +167,15 @@ def test_a_table_with_text_cells_concatenates_with_one_without() -> None:
     joined = concatenate([with_text, numbers])
 
     assert joined.cells.tolist() == [["red"], ["2.5"]] and joined.y.tolist() == [0, 1]
+
+
+def test_the_flow_refuses_to_train_a_table_with_text_cells_as_loaded(tmp_path: Path) -> None:
+    from flows.compare import resolve_preprocessing
+    from flows.config import CompareConfig
+
+    table = write_wine(tmp_path / "wine.csv", categorical=True)
+    config = CompareConfig.model_validate({"data": {"dataset": str(table), "preprocessing": "none"}})
+
+    with pytest.raises(ValueError, match=r"'none' \(features as loaded\) cannot train on .*wine\.csv', which has "
+                                         r"text or empty cells: give data.preprocessing a fixed spec or 'federated'"):
+        resolve_preprocessing.fn(config, {"nodes": []})
