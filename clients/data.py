@@ -34,7 +34,7 @@ import numpy as np
 
 SHIPPED_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer")
 FILE_SUFFIXES = (".csv", ".npz")
-PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "by-column")
 
 _MAX_DIRICHLET_DRAWS = 1000  # retries before a dirichlet partition gives up (not a tuning knob)
 _MNIST_PIXEL_MAX = 255.0
@@ -57,6 +57,7 @@ class Dataset:
     name: str  # where it came from: "mnist", "digits", a file name
     columns: tuple[str, ...] = ()  # names of a table's columns (a CSV header); () = x0, x1, ...
     cells: np.ndarray | None = None  # a raw table's cells as text (N, F), "" = empty; only when one is not a number
+    groups: np.ndarray | None = None  # (N,) text: the value of the partition_by column (not a feature), or None
 
     def __post_init__(self) -> None:
         """Reject arrays that do not fit the dataset contract."""
@@ -72,6 +73,8 @@ class Dataset:
             )
         if self.columns and (self.x.ndim != 2 or len(self.columns) != self.x.shape[1]):
             raise ValueError(f"dataset {self.name!r}: {len(self.columns)} column names for features {self.x.shape[1:]}")
+        if self.groups is not None and self.groups.shape != self.y.shape:
+            raise ValueError(f"dataset {self.name!r}: groups {self.groups.shape} do not match labels {self.y.shape}")
         if self.cells is not None and self.cells.shape != self.x.shape:
             raise ValueError(f"dataset {self.name!r}: text cells {self.cells.shape} do not match features {self.x.shape}")
         if len(self.y) and (self.y.min() < 0 or self.y.max() >= self.num_classes):
@@ -116,6 +119,7 @@ class Dataset:
             name=self.name,
             columns=self.columns,
             cells=None if self.cells is None else np.ascontiguousarray(self.cells[idx]),
+            groups=None if self.groups is None else np.ascontiguousarray(self.groups[idx]),
         )
 
 
@@ -125,8 +129,9 @@ def concatenate(parts: list[Dataset]) -> Dataset:
     cells = None
     if any(p.cells is not None for p in parts):
         cells = np.concatenate([p.cells if p.cells is not None else _as_cells(p.x) for p in parts])
+    groups = np.concatenate([p.groups for p in parts]) if all(p.groups is not None for p in parts) else None
     return Dataset(x=np.concatenate([p.x for p in parts]), y=np.concatenate([p.y for p in parts]),
-                   num_classes=first.num_classes, name=first.name, columns=first.columns, cells=cells)
+                   num_classes=first.num_classes, name=first.name, columns=first.columns, cells=cells, groups=groups)
 
 
 def _as_cells(x: np.ndarray) -> np.ndarray:
@@ -137,11 +142,19 @@ def _as_cells(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- loading
 
 
-def load_dataset(source: str, *, label_column: str = "label", image_size: tuple[int, int] | None = None) -> Dataset:
+def load_dataset(source: str, *, label_column: str = "label", image_size: tuple[int, int] | None = None,
+                 partition_by: str = "") -> Dataset:
     """Load a shipped dataset by name, or a .csv/.npz file or an image folder by path.
 
     ``image_size`` (H, W): the size every image of an image folder is resized to (None: the first image's).
+    ``partition_by``: a CSV column whose values say which node a row belongs to; it leaves the
+    features and becomes the dataset's ``groups`` (the "by-column" partitioning).
     """
+    if partition_by:
+        if Path(source).suffix.lower() != ".csv":
+            raise ValueError(f"data.partition_by {partition_by!r} names a column, so the dataset must be a .csv "
+                             f"file, got {source!r}; drop partition_by or use a CSV")
+        return _split_off_groups(_load_csv(Path(source), label_column=label_column), partition_by)
     if source == "mnist":
         return _load_mnist()
     if source == "fashion-mnist":
@@ -338,6 +351,36 @@ def _load_csv(path: Path, *, label_column: str) -> Dataset:
     y, num_classes = _remap_labels(table.labels, path)
     return Dataset(x=table.features.astype(np.float32), y=y, num_classes=num_classes, name=path.name,
                    columns=table.columns, cells=table.cells)
+
+
+def _split_off_groups(ds: Dataset, column: str) -> Dataset:
+    """Return the table without ``column``, whose values become the rows' groups."""
+    if column not in ds.columns:
+        raise ValueError(f"dataset {ds.name!r} has no column {column!r} to partition by (columns: "
+                         f"{', '.join(ds.columns)}); set data.partition_by to one of them")
+    at = ds.columns.index(column)
+    keep = [j for j in range(len(ds.columns)) if j != at]
+    groups = ds.cells[:, at] if ds.cells is not None else np.array([format(float(v), "g") for v in ds.x[:, at]])
+    if (groups == "").any() or (ds.cells is None and np.isnan(ds.x[:, at]).any()):
+        row = int(np.flatnonzero((groups == "") | (groups == "nan"))[0])
+        raise ValueError(f"dataset {ds.name!r}: row {row + 2} has no value in the partition_by column {column!r}; "
+                         "every row needs one")
+    cells = ds.cells[:, keep] if ds.cells is not None else None
+    if cells is not None and not any(_is_text(c) for c in np.unique(cells)):
+        cells = None  # the text was all in the partition column
+    return Dataset(x=np.ascontiguousarray(ds.x[:, keep]), y=ds.y, num_classes=ds.num_classes, name=ds.name,
+                   columns=tuple(ds.columns[j] for j in keep), cells=cells, groups=np.asarray(groups, dtype=str))
+
+
+def _is_text(cell: str) -> bool:
+    """Return whether a non-empty cell is not a number."""
+    if not cell:
+        return False
+    try:
+        float(cell)
+    except ValueError:
+        return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -544,13 +587,16 @@ def partition(
     alpha: float = 0.5,
     classes_per_node: int = 2,
     min_size: int = 10,
+    groups: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Split positions of ``y`` into ``num_partitions`` disjoint, sorted index arrays.
 
     "iid" shuffles and splits evenly; "dirichlet" gives each partition a Dirichlet(alpha)
     share of every class; "pathological" gives each partition ``classes_per_node``
-    classes. iid and dirichlet cover every position; pathological leaves classes out
-    only when ``num_partitions * classes_per_node`` is smaller than the number of classes.
+    classes; "by-column" keeps the rows of one ``groups`` value together (a natural
+    partition: one node per value, or values grouped onto the nodes by size). iid,
+    dirichlet and by-column cover every position; pathological leaves classes out only
+    when ``num_partitions * classes_per_node`` is smaller than the number of classes.
     """
     y = np.asarray(y)
     if num_partitions < 1 or num_partitions * max(min_size, 1) > len(y):
@@ -565,6 +611,10 @@ def partition(
         parts = _dirichlet(y, num_partitions=num_partitions, alpha=alpha, min_size=min_size, rng=rng)
     elif scheme == "pathological":
         parts = _pathological(y, num_partitions=num_partitions, classes_per_node=classes_per_node, rng=rng)
+    elif scheme == "by-column":
+        if groups is None:
+            raise ValueError("partition scheme 'by-column' needs the rows' groups: set data.partition_by to a column")
+        parts = _by_group(np.asarray(groups), num_partitions=num_partitions)
     else:
         raise ValueError(f"unknown partition scheme {scheme!r}; expected one of {', '.join(PARTITION_SCHEMES)}")
     smallest = min(len(p) for p in parts)
@@ -601,6 +651,21 @@ def _dirichlet(
         f"fewer than min_size={min_size} examples (last smallest: {smallest}); raise alpha, use "
         f"fewer partitions or lower min_size"
     )
+
+
+def _by_group(groups: np.ndarray, *, num_partitions: int) -> list[np.ndarray]:
+    """Put all rows of a group on one partition: the largest groups first, each onto the partition with fewest rows."""
+    values, counts = np.unique(groups, return_counts=True)
+    if len(values) < num_partitions:
+        raise ValueError(f"the partition_by column has {len(values)} distinct value(s), fewer than the "
+                         f"{num_partitions} nodes; start fewer nodes or partition by a column with more values")
+    sizes = [0] * num_partitions
+    members: list[list[int]] = [[] for _ in range(num_partitions)]
+    for at in sorted(range(len(values)), key=lambda i: (-counts[i], values[i])):  # deterministic
+        node = min(range(num_partitions), key=lambda n: (sizes[n], n))
+        sizes[node] += int(counts[at])
+        members[node].append(at)
+    return [np.flatnonzero(np.isin(groups, values[m])) for m in members]
 
 
 def _pathological(
@@ -654,6 +719,7 @@ def _node_splits(
         alpha=alpha,
         classes_per_node=classes_per_node,
         min_size=min_size,
+        groups=pool.groups,
     )
     splits = []
     for partition_id, members in enumerate(parts):

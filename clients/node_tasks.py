@@ -145,7 +145,8 @@ def local_splits(node_config: Mapping[str, object], run: ArmRunConfig, *,
     paths = [run.dataset] if Path(run.dataset).suffix or Path(run.dataset).is_dir() else []
     paths += [facts.data_path] if facts.data_path else []
     files = tuple(_file_version(path) for path in paths)
-    key = (facts, run.dataset, run.label_column, run.image_size, tuple(sorted(run.data_kwargs().items())), files,
+    key = (facts, run.dataset, run.label_column, run.image_size, run.partition_by,
+           tuple(sorted(run.data_kwargs().items())), files,
            "" if raw else run.preprocessing)
     if key in _splits:
         _splits.move_to_end(key)
@@ -163,7 +164,8 @@ def local_splits(node_config: Mapping[str, object], run: ArmRunConfig, *,
 def _load_splits(facts: NodeFacts, run: ArmRunConfig) -> tuple[Dataset, Dataset]:
     """Load and split this node's data (no cache)."""
     try:
-        dataset = load_dataset(run.dataset, label_column=run.label_column, image_size=run.image_shape)
+        dataset = load_dataset(run.dataset, label_column=run.label_column, image_size=run.image_shape,
+                               partition_by="" if facts.data_path else run.partition_by)
     except ValueError as err:
         if not facts.data_path:
             raise

@@ -30,6 +30,7 @@ class ArmRunConfig:
     dataset: str
     label_column: str
     partitioning: str
+    partition_by: str
     dirichlet_alpha: float
     classes_per_node: int
     central_test_fraction: float
@@ -85,6 +86,9 @@ class ArmRunConfig:
         if config.accountant not in ("rdp", "prv"):
             raise ValueError(f"run config accountant: expected 'rdp' or 'prv', got {config.accountant!r}")
         config._check_rounds()
+        if (config.partitioning == "by-column") != bool(config.partition_by):
+            raise ValueError("run config partitioning 'by-column' and partition-by go together: set both (a column "
+                             f"name) or neither; got partitioning {config.partitioning!r}, partition-by {config.partition_by!r}")
         config.preprocessing_spec  # parse and check it once here: a bad spec fails before any node trains
         if config.image_size and not re.fullmatch(r"[1-9]\d{0,4}x[1-9]\d{0,4}", config.image_size):
             raise ValueError(f"run config image-size: expected '' or HEIGHTxWIDTH such as '32x32', got {config.image_size!r}")

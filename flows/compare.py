@@ -80,6 +80,7 @@ def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_k
         "mode": mode, "store-uri": store_uri, "run-key": run_key, "arm": arm,
         "nodes": ",".join(str(n) for n in nodes), "model": model,
         "dataset": dataset, "label-column": data.label_column, "partitioning": data.partitioning,
+        "partition-by": data.partition_by,
         "dirichlet-alpha": data.dirichlet_alpha, "classes-per-node": data.classes_per_node,
         "central-test-fraction": data.central_test_fraction, "local-test-fraction": data.local_test_fraction,
         "num-rounds": config.rounds, "local-epochs": arm_config.local_epochs,
@@ -240,7 +241,8 @@ def _preprocessing_mode(config: CompareConfig) -> str:
 def _raw(config: CompareConfig) -> Dataset:
     """Load the run's dataset as the nodes do, before preprocessing."""
     data = config.data
-    return load_dataset(data.dataset, label_column=data.label_column, image_size=data.image_size)
+    return load_dataset(data.dataset, label_column=data.label_column, image_size=data.image_size,
+                        partition_by=data.partition_by)
 
 
 def _prepared(config: CompareConfig, spec: dict[str, Any] | None) -> Dataset:

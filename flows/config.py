@@ -33,8 +33,13 @@ class DataConfig(_Strict):
     dataset: str = "mnist"
     # name of the label column when `dataset` is a CSV file
     label_column: str = "label"
-    # how the pool is split over nodes: iid, dirichlet (label skew by alpha) or pathological
-    partitioning: Literal["iid", "dirichlet", "pathological"] = "dirichlet"
+    # how the pool is split over nodes: iid, dirichlet (label skew by alpha), pathological, or by-column
+    # (a natural partition: the rows of one partition_by value stay on one node)
+    partitioning: Literal["iid", "dirichlet", "pathological", "by-column"] = "dirichlet"
+    # a CSV column whose values say which node a row belongs to (a site, a hospital, a movie): one node per
+    # value, or the values grouped onto the nodes by size; the column is not a feature. Needs
+    # partitioning "by-column"
+    partition_by: str = ""
     # Dirichlet concentration: small values give strongly skewed label mixes per node
     dirichlet_alpha: float = Field(0.5, gt=0.0, le=1000.0)
     # classes each node holds under pathological partitioning
@@ -88,6 +93,16 @@ class DataConfig(_Strict):
             except PreprocessingError as err:
                 raise ValueError(str(err)) from None
         return value
+
+    @model_validator(mode="after")
+    def _partition_column(self) -> DataConfig:
+        """Check that by-column partitioning and its column come together, on a CSV."""
+        if (self.partitioning == "by-column") != bool(self.partition_by):
+            raise ValueError("partitioning 'by-column' and partition_by go together: set partitioning to "
+                             "'by-column' and partition_by to a column name, or neither")
+        if self.partition_by and not self.dataset.lower().endswith(".csv"):
+            raise ValueError(f"partition_by names a column of a CSV file, but the dataset is {self.dataset!r}")
+        return self
 
     def preprocessing_mode(self, *, private: bool) -> Literal["federated", "none", "fixed"]:
         """Return how this run's tables become features, "auto" resolved ("none" for a ``private`` run)."""

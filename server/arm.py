@@ -83,8 +83,8 @@ def _now() -> str:
 def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
     """Train one arm over its nodes with the arm's aggregation, checkpointing every round to the store."""
     random.seed(run.seed)  # Flower's node sampling uses the global `random`
-    dataset = prepare(load_dataset(run.dataset, label_column=run.label_column, image_size=run.image_shape),
-                      run.preprocessing_spec)
+    dataset = prepare(load_dataset(run.dataset, label_column=run.label_column, image_size=run.image_shape,
+                                   partition_by=run.partition_by), run.preprocessing_spec)
     test = central_test(dataset, central_test_fraction=run.central_test_fraction, seed=run.seed)
     model = build_model(run.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
                         seed=run.seed, device="cpu", private=run.privacy_mode == "sample-level")

@@ -272,3 +272,14 @@ def test_a_private_run_refuses_federated_statistics_and_takes_a_fixed_spec() -> 
     assert fixed.data.preprocessing_mode(private=True) == "fixed"
     with pytest.raises(ValidationError, match=r"column 'age' needs std > 0"):
         CompareConfig.model_validate({"data": {"preprocessing": {**spec, "columns": [{**spec["columns"][0], "std": 0}]}}})
+
+
+def test_by_column_partitioning_and_its_column_come_together_on_a_csv() -> None:
+    ok = CompareConfig.model_validate({"data": {"dataset": "/d/a.csv", "partitioning": "by-column",
+                                                "partition_by": "site"}})
+
+    assert ok.data.partition_by == "site"
+    with pytest.raises(ValidationError, match=r"'by-column' and partition_by go together"):
+        CompareConfig.model_validate({"data": {"dataset": "/d/a.csv", "partitioning": "by-column"}})
+    with pytest.raises(ValidationError, match=r"partition_by names a column of a CSV file, but the dataset is 'mnist'"):
+        CompareConfig.model_validate({"data": {"partitioning": "by-column", "partition_by": "site"}})

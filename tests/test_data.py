@@ -315,3 +315,25 @@ def test_fashion_mnist_without_its_files_says_how_to_install_them(tmp_path: Path
 
     with pytest.raises(ValueError, match=r"needs its idx files in .*apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist")
+
+
+def test_partition_by_a_column_keeps_each_value_on_one_node_and_drops_the_column(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    sites = ["a"] * 60 + ["b"] * 50 + ["c"] * 40 + ["d"] * 30 + ["e"] * 20
+    rows = [f"{site},{rng.normal():.3f},{i % 2}" for i, site in enumerate(sites)]
+    path = tmp_path / "sites.csv"
+    path.write_text("site,x,label\n" + "\n".join(rows) + "\n")
+
+    ds = load_dataset(str(path), partition_by="site")
+    args = {**NODE_ARGS, "scheme": "by-column", "num_partitions": 3}
+    nodes = [node_data(ds, partition_id=i, **args) for i in range(3)]
+
+    assert ds.columns == ("x",) and ds.cells is None and sorted(set(ds.groups)) == ["a", "b", "c", "d", "e"]
+    held = [set(train.groups) | set(test.groups) for train, test in nodes]
+    assert all(a.isdisjoint(b) for i, a in enumerate(held) for b in held[i + 1:]), "a site lives on one node"
+    assert set().union(*held) == {"a", "b", "c", "d", "e"}
+    assert held[0] == {"a"} and held[1] == {"b", "e"} and held[2] == {"c", "d"}, "largest first, onto the lightest"
+    with pytest.raises(ValueError, match=r"5 distinct value\(s\), fewer than the 6 nodes"):
+        node_data(ds, partition_id=0, **{**args, "num_partitions": 6})
+    with pytest.raises(ValueError, match=r"no column 'hospital' to partition by \(columns: site, x\)"):
+        load_dataset(str(path), partition_by="hospital")
