@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from infra.cli_federation import register as register_federation
-from infra.cli_serve import register as register_serve
+from cli.federation import register as register_federation
+from cli.serve import register as register_serve
 from infra.stack import DEPLOYMENT, StackError, StackSettings, down, status, up
 
 _DEFAULT_STATE = ".fedcompare"
