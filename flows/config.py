@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flows.decision import CostModel
+from infra.state import state_dir
 
 BUILTIN_DATASETS = ("mnist", "digits", "breast-cancer")
 DATA_SUFFIXES = (".csv", ".npz")
@@ -318,11 +319,6 @@ class CompareConfig(_Strict):
                     "add an ε to privacy.epsilon_sweep to train at it"
                 )
         return notes
-
-
-def state_dir() -> Path:
-    """Return the local stack's state directory ($FEDCOMPARE_STATE_DIR or ./.fedcompare)."""
-    return Path(os.environ.get("FEDCOMPARE_STATE_DIR") or ".fedcompare").resolve()
 
 
 def resolve_store_uri(config: CompareConfig) -> str:
