@@ -42,6 +42,7 @@ from flows.demo import follow_flow_run  # noqa: E402
 from flows.flower import run_status, submit_run  # noqa: E402
 from infra.checkpoints import report_key  # noqa: E402
 from infra.stack import StackSettings, running_pid, up  # noqa: E402
+from infra.state import state_dir  # noqa: E402
 from infra.store import open_store  # noqa: E402
 
 BARE_APP = Path(__file__).resolve().parent / "bare_flower"
@@ -120,11 +121,11 @@ def main() -> int:
     """Run the cases and print their figures as one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds of every case (default 5, the demo's)")
-    parser.add_argument("--state-dir", default=os.environ.get("FEDCOMPARE_STATE_DIR", ".fedcompare"))
+    parser.add_argument("--state-dir", help="the stack's state directory (default: $FEDCOMPARE_STATE_DIR or ./.fedcompare)")
     parser.add_argument("--cases", default="bare,small,large,demo", help="comma-separated subset to run")
     args = parser.parse_args()
     cases = args.cases.split(",")
-    state = Path(args.state_dir).resolve()
+    state = state_dir(args.state_dir)
     settings = StackSettings.load(state) or StackSettings.create(state)
     console = Console(stderr=True)
     up(settings, echo=lambda line: console.print(line))

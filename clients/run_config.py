@@ -24,6 +24,8 @@ class ArmRunConfig:
     mode: str
     store_uri: str
     run_key: str
+    git_commit: str
+    git_dirty: str
     arm: str
     nodes: str
     model: str
@@ -83,6 +85,8 @@ class ArmRunConfig:
             )
         if config.optimizer not in ("adam", "sgd"):
             raise ValueError(f"run config optimizer: expected 'adam' or 'sgd', got {config.optimizer!r}")
+        if config.git_dirty not in ("yes", "no", "unknown"):
+            raise ValueError(f"run config git-dirty: expected 'yes', 'no' or 'unknown', got {config.git_dirty!r}")
         if config.accountant not in ("rdp", "prv"):
             raise ValueError(f"run config accountant: expected 'rdp' or 'prv', got {config.accountant!r}")
         config._check_rounds()

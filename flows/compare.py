@@ -27,7 +27,7 @@ from clients.models import TORCH_MODELS, estimate_training_memory_bytes, resolve
 from flows.assignment import assign_nodes, node_table
 from flows.config import BUILTIN_DATASETS, CompareConfig, resolve_store_uri, resolve_superlink
 from flows.deployment import calibration_source, deploy_arm, deployment_data, price_deployment
-from flows.flower import FlowerError, run_log, run_status, stop_run, submit_run
+from flows.flower import FlowerError, run_log, run_status, source_run_config, stop_run, submit_run
 from flows.plots import data_uri, report_plots
 from flows.report import build_report, model_size, render_markdown, summarize_arm, summary_rows
 from infra.checkpoints import (
@@ -77,7 +77,7 @@ def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_k
     arm_config = getattr(config, kind or arm)
     privacy = config.privacy
     return {
-        "mode": mode, "store-uri": store_uri, "run-key": run_key, "arm": arm,
+        "mode": mode, "store-uri": store_uri, "run-key": run_key, **source_run_config(), "arm": arm,
         "nodes": ",".join(str(n) for n in nodes), "model": model,
         "dataset": dataset, "label-column": data.label_column, "partitioning": data.partitioning,
         "partition-by": data.partition_by,

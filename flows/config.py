@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from clients.preprocess import PreprocessingError, check_spec
 from flows.decision import CostModel
+from infra.state import state_dir
 
 BUILTIN_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer")
 DATA_SUFFIXES = (".csv", ".npz")
@@ -385,11 +386,6 @@ class CompareConfig(_Strict):
                     "add an ε to privacy.epsilon_sweep to train at it"
                 )
         return notes
-
-
-def state_dir() -> Path:
-    """Return the local stack's state directory ($FEDCOMPARE_STATE_DIR or ./.fedcompare)."""
-    return Path(os.environ.get("FEDCOMPARE_STATE_DIR") or ".fedcompare").resolve()
 
 
 def resolve_store_uri(config: CompareConfig) -> str:

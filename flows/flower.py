@@ -26,6 +26,8 @@ from typing import Any
 
 import tomli_w
 
+from infra.checkpoints import checkout_source
+
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedcompare"
 # the CA certificate (ca.crt of `fedcompare certs create`) of a SuperLink that serves TLS; unset: plain connection
@@ -150,6 +152,17 @@ def _tls_problem(superlink: str) -> str:
         return (f"the SuperLink at {superlink} serves TLS but no CA is set: set {ROOT_CERTIFICATES_ENV} to "
                 "its ca.crt (from `fedcompare certs create`)")
     return ""
+
+
+def source_run_config(app: Path = APP_DIR) -> dict[str, str]:
+    """Return the run-config keys git-commit and git-dirty: the commit ``app`` is checked out at, for its checkpoints.
+
+    The ServerApp runs from the FAB the SuperLink unpacked, which has no .git; only the
+    submitter, which builds the FAB from ``app``, can read the commit.
+    """
+    source = checkout_source(app)
+    dirty = {True: "yes", False: "no", None: "unknown"}[source.git_dirty]
+    return {"git-commit": source.git_commit or "", "git-dirty": dirty}
 
 
 def submit_run(run_config: dict[str, Any], superlink: str, *, app: Path = APP_DIR) -> int:

@@ -40,7 +40,7 @@ from infra._layout import (
 from infra._manifest import FORMAT_VERSION, read_manifest, require_manifest, round_entry
 from infra._npz import (HashingWriter, arrays_to_npz_bytes, describe_arrays, entry_of, npz_bytes_to_arrays, spool,
                         write_npz)
-from infra._provenance import code_version
+from infra._provenance import Source, checkout_source, code_version, run_source
 from infra._retention import check_keep_last, check_meta, check_score, prune
 from infra._verified import (
     CheckpointError, CorruptObject, MissingObject, PrunedRound, read_model, read_verified_json,
@@ -48,9 +48,10 @@ from infra._verified import (
 from infra.store import Store, json_bytes
 
 __all__ = [
-    "CheckpointError", "FORMAT_VERSION", "GoodRound", "SkippedRound", "arrays_to_npz_bytes", "config_hash",
-    "federation_key", "load_latest", "load_latest_good", "load_model", "load_round", "npz_bytes_to_arrays", "plot_key",
-    "read_checkpoint", "read_manifest", "report_key", "rewind", "round_metrics", "round_prefix", "write_round",
+    "CheckpointError", "FORMAT_VERSION", "GoodRound", "SkippedRound", "Source", "arrays_to_npz_bytes",
+    "checkout_source", "config_hash", "federation_key", "load_latest", "load_latest_good", "load_model", "load_round",
+    "npz_bytes_to_arrays", "plot_key", "read_checkpoint", "read_manifest", "report_key", "rewind", "round_metrics",
+    "round_prefix", "run_source", "write_round",
 ]
 
 _MODEL, _METRICS, _META = "model.npz", "metrics.json", "checkpoint.json"
@@ -98,6 +99,7 @@ def write_round(
     meta: Mapping[str, Any] | None = None,
     score: float | None = None,
     keep_last: int = 0,
+    source: Source | None = None,
 ) -> dict:
     """Write one round's model, metrics and checkpoint.json, publish the manifest, then apply retention.
 
@@ -119,6 +121,8 @@ def write_round(
         score: the round's central accuracy; retention keeps the best-scoring round's model.
         keep_last: keep the models of the last ``keep_last`` rounds and of the best-scoring
             round, delete older models (metrics and checkpoint.json stay); 0 keeps every model.
+        source: the git commit (or why there is none) and the FAB of the code writing the round
+            (``run_source``), recorded under ``code`` with the versions; None: this checkout's own.
     Returns:
         The published manifest.
     Raises:
@@ -163,7 +167,7 @@ def write_round(
             "model": described["model"], "arrays": describe_arrays(arrays),
             "config": dict(config), "config_hash": digest, "privacy": described["privacy"], "score": score,
             "objects": {_MODEL: entries[model_key], _METRICS: entries[metrics_key]},
-            "code": dict(code_version()), "created_at": now,
+            "code": code_version(source), "created_at": now,
         }
         try:
             meta_bytes = json_bytes(document)
@@ -176,7 +180,7 @@ def write_round(
     store.put_bytes(meta_key, meta_bytes)
     manifest["rounds"][str(round)] = {"objects": entries, "completed_at": now, "score": score}
     manifest["latest_complete_round"] = round
-    manifest["versions"] = dict(code_version())
+    manifest["versions"] = code_version(source)
     pruned = prune(manifest["rounds"], keep_last, now)
     if keep_last:
         manifest["retention"] = {"keep_last": keep_last}

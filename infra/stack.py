@@ -20,6 +20,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from infra.state import STATE_DIR_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK_POOL = "fedcompare-local"
 DEPLOYMENT = "federated-compare/local"
@@ -116,7 +118,7 @@ class StackSettings:
             **os.environ,
             "PATH": flower_path(),
             "FEDCOMPARE_ROOT": str(ROOT),
-            "FEDCOMPARE_STATE_DIR": str(state),
+            STATE_DIR_ENV: str(state),
             "FEDCOMPARE_SUPERLINK": self.superlink,
             "PREFECT_HOME": str(state / "prefect"),
             "PREFECT_API_URL": self.prefect_api,

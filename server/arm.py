@@ -19,7 +19,7 @@ from clients.models import build_model
 from clients.preprocess import PreprocessingError, merge_stats, prepare
 from clients.run_config import ArmRunConfig
 from infra.checkpoints import (
-    CheckpointError, federation_key, load_latest_good, read_manifest, rewind, round_metrics, write_round,
+    CheckpointError, federation_key, load_latest_good, read_manifest, rewind, round_metrics, run_source, write_round,
 )
 from infra.store import Store
 from server._grid import ArmGrid, node_info_messages
@@ -30,8 +30,10 @@ log = logging.getLogger("fedcompare.server")
 
 # Run-config keys left out of the checkpoint's config hash: which node ids serve the arm (a restarted node
 # comes back under a new id), how long a round waits and how many replies it needs do not change the model
-# the arm trains, so a run may resume with other values of them.
-_NOT_HASHED = ("mode", "nodes", "round_timeout", "min_replies")
+# the arm trains, so a run may resume with other values of them. The submitter's git commit and dirty state
+# describe the code, not the config: they go to the checkpoint's "code", and a retry may come from an edit.
+_NOT_HASHED = ("mode", "nodes", "round_timeout", "min_replies", "git_commit", "git_dirty")
+_DIRTY = {"yes": True, "no": False, "unknown": None}
 
 
 def query_federation(grid: Grid, run: ArmRunConfig, store: Store) -> dict[str, Any]:
@@ -82,6 +84,7 @@ def _now() -> str:
 
 def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
     """Train one arm over its nodes with the arm's aggregation, checkpointing every round to the store."""
+    source = run_source(git_commit=run.git_commit, git_dirty=_DIRTY[run.git_dirty], fab_hash=grid.run.fab_hash or None)
     random.seed(run.seed)  # Flower's node sampling uses the global `random`
     dataset = prepare(load_dataset(run.dataset, label_column=run.label_column, image_size=run.image_shape,
                                    partition_by=run.partition_by), run.preprocessing_spec)
@@ -153,7 +156,7 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
         }
         write_round(store, run.run_key, run.arm, server_round, named, metrics, arm_config,
                     meta={"model": model_meta, "privacy": metrics.get("privacy")},
-                    score=float(central["accuracy"]), keep_last=run.keep_last_rounds)
+                    score=float(central["accuracy"]), keep_last=run.keep_last_rounds, source=source)
         log.info("arm %s round %d: central accuracy %.4f", run.arm, server_round, central["accuracy"])
         return MetricRecord({"accuracy": float(central["accuracy"])})
 

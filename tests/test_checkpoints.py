@@ -82,7 +82,11 @@ def test_checkpoint_json_describes_the_round(store: Store) -> None:
     if shutil.which("git"):
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip()
-        assert doc["code"]["git_commit"] == head
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent).stdout.strip() != ""
+        assert (doc["code"]["git_commit"], doc["code"]["git_dirty"]) == (head, dirty)
+        assert "git_commit_reason" not in doc["code"]
+    assert doc["code"]["fab_hash"] is None, "written from the checkout, not from a FAB"
     assert datetime.fromisoformat(doc["created_at"]) >= before
     # Assert: the manifest lists it with its hash, and the document pins the other objects' hashes
     objects = manifest["rounds"]["1"]["objects"]

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from cli.federation import _start_warm_worker
 from infra.checkpoints import load_round, read_manifest, report_key
-from infra.cli_federation import _start_warm_worker
 from infra.stack import flower_path, warm_worker_socket
 from infra.store import open_store
 from tests.s3server import free_port, running_s3_server

@@ -1,5 +1,5 @@
-"""A real deployment's certificates, node keys and Flower command lines (infra/certs.py, federation.py,
-cli_federation.py), and the flow's TLS connection to the SuperLink (flows/flower.py).
+"""A real deployment's certificates, node keys and Flower command lines (infra/certs.py, infra/federation.py,
+cli/federation.py), and the flow's TLS connection to the SuperLink (flows/flower.py).
 
 Unit tests are fast and start no Flower process; the one `integration` test starts a real
 SuperLink with TLS and node authentication and three real SuperNodes: one registered (joins),
@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from infra import cli, cli_federation
+from cli import federation as cli_federation
+from cli import main as cli_main
 from infra.certs import check_auth_key, check_public_key, check_server_names, create_certificates
 from infra.federation import (
     FederationError,
@@ -157,7 +158,7 @@ def test_superlink_start_keeps_its_state_in_a_database_file(deployment, tmp_path
 
     for extra, expected in (([], tmp_path / "state" / "flwr" / "superlink" / "state.db"),
                             (["--database", str(tmp_path / "link.db")], tmp_path / "link.db")):
-        cli.main(["superlink", "start", "--tls-dir", str(deployment), "--port", "1",
+        cli_main.main(["superlink", "start", "--tls-dir", str(deployment), "--port", "1",
                              "--state-dir", str(tmp_path / "state"), *extra])
 
         command = started["command"]
@@ -303,7 +304,7 @@ def test_node_start_checks_the_data_and_prints_counts_only(deployment, tmp_path,
                         lambda name, command, env, **_: started.update(command=command, env=env) or 0)
     data = _write_csv(tmp_path / "site_a.csv")
 
-    code = cli.main(["node", "start", "--superlink", "coord.example:8000", "--data", str(data),
+    code = cli_main.main(["node", "start", "--superlink", "coord.example:8000", "--data", str(data),
                                 "--device", "cpu", "--root-certificates", str(deployment / "ca.crt"),
                                 "--auth-key", str(deployment / "nodes" / "site_a.key"),
                                 "--state-dir", str(tmp_path / "state"), "--port", "1"])
@@ -325,7 +326,7 @@ def test_node_start_checks_the_data_and_prints_counts_only(deployment, tmp_path,
 def test_node_start_with_bad_data_prints_one_line(tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
 
-    code = cli.main(["node", "start", "--superlink", "h:8000", "--data", str(tmp_path / "bad.csv"),
+    code = cli_main.main(["node", "start", "--superlink", "h:8000", "--data", str(tmp_path / "bad.csv"),
                                 "--device", "cpu", "--insecure"])
 
     err = capsys.readouterr().err
@@ -333,7 +334,7 @@ def test_node_start_with_bad_data_prints_one_line(tmp_path, capsys):
 
 
 def test_superlink_start_without_certificates_says_to_create_them(tmp_path, capsys):
-    code = cli.main(["superlink", "start", "--tls-dir", str(tmp_path), "--port", "1"])
+    code = cli_main.main(["superlink", "start", "--tls-dir", str(tmp_path), "--port", "1"])
 
     assert code == 1
     assert capsys.readouterr().err == (f"fedcompare: expected ca.crt in --tls-dir {tmp_path}, found none: "
@@ -353,9 +354,9 @@ def test_node_register_and_unregister_talk_to_the_control_api_with_the_ca(deploy
     monkeypatch.setattr(federation, "_flwr_control", fake_control)
     key, ca = deployment / "nodes" / "site_a.pub", str(deployment / "ca.crt")
 
-    registered = cli.main(["node", "register", str(key), "--superlink", "coord.example:8000",
+    registered = cli_main.main(["node", "register", str(key), "--superlink", "coord.example:8000",
                                       "--root-certificates", ca])
-    unregistered = cli.main(["node", "unregister", "42", "--superlink", "coord.example:8000",
+    unregistered = cli_main.main(["node", "unregister", "42", "--superlink", "coord.example:8000",
                                         "--root-certificates", ca])
 
     assert registered == unregistered == 0
@@ -368,7 +369,7 @@ def test_node_register_and_unregister_talk_to_the_control_api_with_the_ca(deploy
 
 
 def test_node_register_refuses_a_private_key_in_one_line(deployment, capsys):
-    code = cli.main(["node", "register", str(deployment / "nodes" / "site_a.key"), "--superlink",
+    code = cli_main.main(["node", "register", str(deployment / "nodes" / "site_a.key"), "--superlink",
                                 "coord.example:8000", "--root-certificates", str(deployment / "ca.crt")])
 
     err = capsys.readouterr().err
@@ -376,7 +377,7 @@ def test_node_register_refuses_a_private_key_in_one_line(deployment, capsys):
 
 
 def test_certs_create_prints_paths_but_no_key_material(tmp_path, capsys):
-    code = cli.main(["certs", "create", "--out", str(tmp_path / "c"), "--server-name", "coord.example",
+    code = cli_main.main(["certs", "create", "--out", str(tmp_path / "c"), "--server-name", "coord.example",
                                 "--server-ip", "10.0.0.1", "--nodes", "site_a,site_b"])
 
     out = capsys.readouterr().out
@@ -435,7 +436,7 @@ class _Cli:
 
     def __init__(self, *args: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], stdout=subprocess.PIPE,
+        self.process = subprocess.Popen([sys.executable, "-m", "cli.main", *args], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.process.stdout.readline, "")),

@@ -26,8 +26,11 @@ import pytest
 
 from clients.data import central_test, load_dataset
 from clients.models import build_model
+from flows.compare import _run_config, _wait_for
 from flows.config import CompareConfig
-from infra.checkpoints import load_latest, load_round, read_manifest, report_key, round_metrics
+from flows.flower import APP_DIR, build_fab, run_log, source_run_config, submit_run
+from infra.checkpoints import load_latest, load_round, read_checkpoint, read_manifest, report_key, round_metrics
+from infra.stack import StackSettings
 from infra.store import open_store
 from tests.accounting import independent_epsilon
 
@@ -216,6 +219,8 @@ def test_store_holds_every_round_of_both_arms_and_the_report_matches_the_checkpo
     for arm in ("large", "small"):
         manifest = read_manifest(store, run_id, arm)
         assert manifest["latest_complete_round"] == ROUNDS
+        # the flow ran from this checkout: its commit, not null (the ServerApp itself runs from the FAB)
+        assert manifest["versions"]["git_commit"] == source_run_config()["git-commit"] != ""
         for number in range(1, ROUNDS + 1):
             arrays, metrics = load_round(store, run_id, arm, number)  # verifies every sha256
             assert metrics["round"] == number and len(metrics["nodes"]) == 4
@@ -419,6 +424,39 @@ def test_an_rgb_image_folder_of_mixed_sizes_trains_with_its_three_channels(colou
         assert 0.0 <= report["arms"][arm]["final_accuracy"] <= 1.0
     assert report["federation"]["preprocessing"] is None, "images need no statistics"
     assert sum(n["num-train"] + n["num-test"] for n in report["federation"]["nodes"]) == 96  # 120 less the 20%
+
+
+def test_checkpoints_name_the_submitting_checkouts_commit_or_say_why_there_is_none(stack, tmp_path):
+    # Arrange: the same app twice, from this git checkout and from a copy that is not one
+    superlink = StackSettings.load(stack).superlink
+    store = open_store(f"file://{stack}/store")
+    copy = tmp_path / "app"
+    for top in ("server", "clients", "privacy", "infra"):
+        shutil.copytree(APP_DIR / top, copy / top, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", ".gitignore"):
+        shutil.copy2(APP_DIR / name, copy / name)
+    config = CompareConfig(rounds=1, data={"dataset": "digits"}, deployment={"enabled": False})
+    # Act: one round of the small arm from each, submitted as the flow submits an arm
+    for run_key, app in (("provenance-checkout", APP_DIR), ("provenance-copy", copy)):
+        run_config = {**_run_config(config, mode="train", arm="small", model="logreg", run_key=run_key,
+                                    store_uri=store.uri, nodes=[]), **source_run_config(app)}
+        run_id = submit_run(run_config, superlink, app=app)
+        assert _wait_for(run_id, superlink, 600).completed, run_log(run_id, superlink)
+    # Assert
+    checkout = read_checkpoint(store, "provenance-checkout", "small", 1)["code"]
+    copied = read_checkpoint(store, "provenance-copy", "small", 1)["code"]
+    if shutil.which("git"):
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=APP_DIR).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               cwd=APP_DIR).stdout.strip() != ""
+        assert (checkout["git_commit"], checkout["git_dirty"]) == (head, dirty)
+    assert checkout["fab_hash"] == hashlib.sha256(build_fab(APP_DIR)).hexdigest()
+    assert "git_commit_reason" not in checkout
+    assert (copied["git_commit"], copied["git_dirty"]) == (None, None)
+    assert copied["fab_hash"] == hashlib.sha256(build_fab(copy)).hexdigest()
+    assert copied["git_commit_reason"].startswith("not a git checkout: "), copied
+    assert copied["git_commit_reason"].endswith("and the run's submitter named no commit (the code runs from the "
+                                                "unpacked FAB recorded as fab_hash)"), copied
 
 
 def test_up_on_a_port_in_use_fails_in_one_line(tmp_path):

@@ -55,7 +55,7 @@ def guide_commands(text: str) -> list[str]:
 
 
 def test_every_fedcompare_command_in_the_guide_parses_with_the_real_cli():
-    from infra.cli import _parser
+    from cli.main import _parser
 
     commands = guide_commands(GUIDE.read_text(encoding="utf-8"))
 
@@ -73,7 +73,7 @@ def test_every_fedcompare_command_in_the_guide_parses_with_the_real_cli():
 
 
 def test_the_guide_check_finds_continued_and_prefixed_commands_and_rejects_wrong_flags(capsys):
-    from infra.cli import _parser
+    from cli.main import _parser
 
     text = "```bash\n$ fedcompare certs create --out certs \\\n    --nodes a\nsudo -u x fedcompare up  # note\n```\n"
 

@@ -35,7 +35,7 @@ def test_readiness_reads_only_what_the_current_process_logged(tmp_path, monkeypa
 
 
 def test_concurrency_is_a_stack_setting_that_sets_the_workers_limit(tmp_path):
-    from infra.cli import _parser, _settings
+    from cli.main import _parser, _settings
     from infra.stack import services
 
     args = _parser().parse_args(["--state-dir", str(tmp_path), "up", "--concurrency", "2"])
@@ -50,7 +50,7 @@ def test_concurrency_is_a_stack_setting_that_sets_the_workers_limit(tmp_path):
 def test_a_concurrency_below_one_is_refused_in_one_line(tmp_path, capsys):
     import pytest
 
-    from infra.cli import _parser
+    from cli.main import _parser
 
     with pytest.raises(SystemExit) as exited:
         _parser().parse_args(["up", "--concurrency", "0"])

@@ -8,21 +8,15 @@ import os
 import sys
 from pathlib import Path
 
-from infra.cli_federation import register as register_federation
-from infra.cli_serve import register as register_serve
+from cli.federation import register as register_federation
+from cli.serve import register as register_serve
 from infra.stack import DEPLOYMENT, StackError, StackSettings, down, status, up
-
-_DEFAULT_STATE = ".fedcompare"
-
-
-def _state_dir(args: argparse.Namespace) -> Path:
-    """Return the state directory from --state-dir, $FEDCOMPARE_STATE_DIR or ./.fedcompare."""
-    return Path(args.state_dir or os.environ.get("FEDCOMPARE_STATE_DIR") or _DEFAULT_STATE).resolve()
+from infra.state import STATE_DIR_ENV, state_dir
 
 
 def _settings(args: argparse.Namespace) -> StackSettings:
     """Return the settings of the stack in the state dir, or fresh ones from the flags."""
-    state = _state_dir(args)
+    state = state_dir(args.state_dir)
     existing = StackSettings.load(state)
     wanted = {
         key: value
@@ -66,9 +60,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _cmd_down(args: argparse.Namespace) -> int:
     """Stop the local stack."""
-    settings = StackSettings.load(_state_dir(args))
+    settings = StackSettings.load(state_dir(args.state_dir))
     if settings is None:
-        print(f"nothing to stop: no stack was started in {_state_dir(args)}")
+        print(f"nothing to stop: no stack was started in {state_dir(args.state_dir)}")
         return 0
     stopped = down(settings)
     print("stopped " + (", ".join(stopped) if stopped else "nothing (no part was running)"))
@@ -80,9 +74,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    settings = StackSettings.load(_state_dir(args))
+    settings = StackSettings.load(state_dir(args.state_dir))
     if settings is None:
-        print(f"no stack was started in {_state_dir(args)}: run `fedcompare up`")
+        print(f"no stack was started in {state_dir(args.state_dir)}: run `fedcompare up`")
         return 1
     table = Table(title=f"fedcompare stack in {settings.state_dir}")
     for column in ("part", "address", "state", "pid"):
@@ -122,7 +116,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.store:
         uri = args.store
     else:
-        os.environ.setdefault("FEDCOMPARE_STATE_DIR", str(_state_dir(args)))
+        os.environ.setdefault(STATE_DIR_ENV, str(state_dir(args.state_dir)))
         uri = resolve_store_uri(CompareConfig())
     try:
         report = find_report(open_store(uri), args.run)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from infra.stack import StackError
+from infra.state import STATE_DIR_ENV, state_dir
 
 VARIANTS = ("fp32", "int8", "fp16")
 
@@ -69,6 +69,5 @@ def _default_store(args: argparse.Namespace) -> str:
     """Return the store the local stack uses: $FEDCOMPARE_STORE, else <state dir>/store."""
     from flows.config import CompareConfig, resolve_store_uri
 
-    os.environ.setdefault("FEDCOMPARE_STATE_DIR", str(Path(args.state_dir or os.environ.get(
-        "FEDCOMPARE_STATE_DIR") or ".fedcompare").resolve()))
+    os.environ.setdefault(STATE_DIR_ENV, str(state_dir(args.state_dir)))
     return resolve_store_uri(CompareConfig())

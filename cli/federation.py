@@ -21,9 +21,7 @@ from infra import federation as fed
 from infra._foreground import run_foreground as _run_foreground
 from infra.federation import FederationError
 from infra.stack import warm_worker_socket
-
-_DEFAULT_STATE = ".fedcompare"
-
+from infra.state import state_dir
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -130,11 +128,6 @@ def _split(values: list[str]) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
-def _state_dir(args: argparse.Namespace) -> Path:
-    """Return the state directory from --state-dir, $FEDCOMPARE_STATE_DIR or ./.fedcompare."""
-    return Path(getattr(args, "state_dir", None) or os.environ.get("FEDCOMPARE_STATE_DIR") or _DEFAULT_STATE).resolve()
-
-
 def _cmd_certs_create(args: argparse.Namespace) -> int:
     """Create the CA, server certificate and node keys asked for, and say what was written."""
     written = certs.create_certificates(args.out, server_names=_split(args.server_name),
@@ -160,7 +153,7 @@ def _cmd_superlink_start(args: argparse.Namespace) -> int:
         if args.node_keys and not keys:
             raise FederationError(f"expected node public keys NAME.pub in --node-keys {args.node_keys}, found none: "
                                   "create them with `fedcompare certs create --nodes NAME,…`")
-    flwr_home = _state_dir(args) / "flwr" / "superlink"
+    flwr_home = state_dir(getattr(args, "state_dir", None)) / "flwr" / "superlink"
     database = Path(args.database).expanduser().resolve() if args.database else flwr_home / "state.db"
     database.parent.mkdir(parents=True, exist_ok=True)
     command = fed.superlink_command(host=args.host, port=args.port, tls=tls, insecure=args.insecure,
@@ -237,7 +230,7 @@ def _cmd_node_start(args: argparse.Namespace) -> int:
         raise FederationError(str(exc)) from None
     hardware = fed.resolve_hardware(args.tier, args.device, _detect_gpu() if args.device != "cpu" else None)
     data_format = info.data_format if info.data_format in fed.DATA_FORMATS else args.data_format
-    state = _state_dir(args)
+    state = state_dir(getattr(args, "state_dir", None))
     socket_path = warm_worker_socket(state / "node") if args.warm_worker else None
     config = fed.node_config(data_path=info.path, data_format=data_format, tier=hardware.tier,
                              device=hardware.device, label_column=args.label_column if data_format == "csv" else None,
