@@ -18,7 +18,7 @@ from math import prod
 import numpy as np
 
 from clients.data import Dataset
-from clients.models import check_arrays, check_data, check_fit_args, classification_metrics
+from clients._model_checks import check_arrays, check_data, check_fit_args, classification_metrics
 
 _PROBABILITY_FLOOR = 1e-15  # clip for log(0) in the log loss, as sklearn.metrics.log_loss does
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from clients.data import Dataset
-from clients.models import check_arrays, check_data, check_fit_args, classification_metrics
+from clients._model_checks import check_arrays, check_data, check_fit_args, classification_metrics
 
 # (module, optimizer, loader) -> (module, optimizer, loader, criterion), e.g. Opacus make_private's
 # private module, optimizer, Poisson loader and fast-gradient-clipping loss

@@ -26,6 +26,45 @@ def _imported_packages(path: Path) -> set[str]:
     return found
 
 
+def _imported_modules(path: Path) -> set[str]:
+    """Return the project modules that the module at ``path`` imports anywhere (``from pkg import mod`` included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    modules = {_module(p) for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    return {name for name in found if name in modules} - {_module(path)}
+
+
+def _module(path: Path) -> str:
+    """Return the dotted module name of a project file (a package's __init__ is the package)."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_module_imports_itself_through_others():
+    graph = {_module(path): _imported_modules(path) for package in PACKAGES for path in (ROOT / package).rglob("*.py")}
+    cycles = []
+
+    def visit(module: str, trail: list[str]) -> None:
+        for imported in sorted(graph.get(module, ())):
+            if imported in trail:
+                cycles.append(trail[trail.index(imported):] + [imported])
+            elif imported not in done:
+                visit(imported, [*trail, imported])
+        done.add(module)
+
+    done: set[str] = set()
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [module])
+
+    assert cycles == []
+
+
 def test_infra_is_a_leaf_that_imports_no_other_project_package():
     upward = {str(path.relative_to(ROOT)): sorted(_imported_packages(path) - {"infra"})
               for path in sorted((ROOT / "infra").rglob("*.py"))}

@@ -268,7 +268,7 @@ def test_cuda_request_without_a_gpu_fails_clearly() -> None:
 def test_macro_f1_equals_scikit_learn(seed: int) -> None:
     from sklearn.metrics import f1_score
 
-    from clients.models import classification_metrics
+    from clients._model_checks import classification_metrics
 
     rng = np.random.default_rng(seed)
     y_true = rng.integers(0, 7, size=200)  # classes 7..9 absent, some predicted anyway
