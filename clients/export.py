@@ -73,7 +73,7 @@ def export_fp32(model: Model, *, dataset_name: str) -> Exported:
         ValueError: the model is not one of the zoo's.
     """
     top = raw_input_max(dataset_name)
-    if model.name == "logreg":
+    if model.name in ("logreg", "gnb"):
         data = _export_sklearn(model, top)
     elif hasattr(model, "network"):
         data = _export_torch(model, top)
@@ -109,20 +109,35 @@ def _export_torch(model: Any, top: float | None) -> bytes:
     return buffer.getvalue()
 
 
+def _estimator(model: Any) -> Any:
+    """Return the fitted scikit-learn estimator a numpy zoo model is: SGDClassifier (logreg) or GaussianNB (gnb)."""
+    if model.name == "gnb":
+        from sklearn.naive_bayes import GaussianNB
+
+        estimator = GaussianNB()
+        for attribute, value in model.parameters().items():
+            setattr(estimator, attribute, value)
+        estimator.class_count_ = estimator.class_prior_.copy()
+    else:
+        from sklearn.linear_model import SGDClassifier
+
+        arrays = model.get_arrays()
+        estimator = SGDClassifier(loss="log_loss")
+        estimator.coef_ = arrays["coef"].astype(np.float64)
+        estimator.intercept_ = arrays["intercept"].astype(np.float64)
+    estimator.classes_ = np.arange(model.num_classes)
+    return estimator
+
+
 def _export_sklearn(model: Any, top: float | None) -> bytes:
-    """Export the scikit-learn logistic regression (as SGDClassifier) behind a flatten-and-scale step."""
+    """Export a numpy zoo model as its scikit-learn estimator (skl2onnx) behind a flatten-and-scale step."""
     import onnx
     from onnx import TensorProto, helper
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.linear_model import SGDClassifier
 
-    arrays = model.get_arrays()
     features = int(np.prod(model.input_shape))
-    estimator = SGDClassifier(loss="log_loss")
-    estimator.coef_ = arrays["coef"].astype(np.float64)
-    estimator.intercept_ = arrays["intercept"].astype(np.float64)
-    estimator.classes_ = np.arange(model.num_classes)
+    estimator = _estimator(model)
     core = convert_sklearn(estimator, initial_types=[("features", FloatTensorType([None, features]))],
                            target_opset={"": OPSET, "ai.onnx.ml": 3}, options={id(estimator): {"zipmap": False}})
     graph = core.graph
@@ -160,7 +175,7 @@ def _needed(nodes: list[Any], output: str) -> list[Any]:
 
 def framework_probabilities(model: Model, x: np.ndarray) -> np.ndarray:
     """Return the framework's class probabilities (float32) for model inputs ``x`` (as loaded, not raw)."""
-    if model.name == "logreg":
+    if model.name in ("logreg", "gnb"):
         return np.exp(model._log_proba(np.asarray(x, dtype=np.float32).reshape(len(x), -1))).astype(np.float32)
     import torch
 

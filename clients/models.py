@@ -18,7 +18,8 @@ from clients._model_checks import OPTIMIZERS
 from clients.data import Dataset
 
 LARGE_MODELS = ("cnn", "cnn-dp", "mlp")
-SMALL_MODELS = ("logreg", "torch-logreg")
+SMALL_MODELS = ("logreg", "torch-logreg", "gnb")
+SKLEARN_MODELS = ("logreg", "gnb")  # numpy/scikit-learn models: CPU only, no DP-SGD
 MODEL_NAMES = LARGE_MODELS + SMALL_MODELS
 TORCH_MODELS = ("cnn", "cnn-dp", "mlp", "torch-logreg")
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,7 +33,7 @@ class Model(Protocol):
     device: str  # where it computes: "cpu" or "cuda" (or "cuda:N")
 
     def get_arrays(self) -> dict[str, np.ndarray]:
-        """Return the parameters as ordered, named float32 arrays (copies)."""
+        """Return the parameters as ordered, named float arrays (copies; float32, gnb's statistics float64)."""
         ...
 
     def set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
@@ -87,12 +88,16 @@ def build_model(
         )
     if device != "auto" and device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {device!r}")
-    if name == "logreg":
+    if name in SKLEARN_MODELS:
         if device not in ("auto", "cpu"):
             raise ValueError(
-                f"model 'logreg' (scikit-learn) runs on the CPU only, got device={device!r}; "
+                f"model {name!r} (numpy/scikit-learn) runs on the CPU only, got device={device!r}; "
                 f"use device='cpu' or the model 'torch-logreg' for a GPU"
             )
+        if name == "gnb":
+            from clients._naive_bayes import GaussianNaiveBayes
+
+            return GaussianNaiveBayes(input_shape=input_shape, num_classes=num_classes, seed=seed)
         from clients._sklearn_models import SgdLogisticRegression
 
         return SgdLogisticRegression(input_shape=input_shape, num_classes=num_classes, seed=seed)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from clients import models as zoo
 from clients.preprocess import PreprocessingError, check_spec
 from flows.decision import CostModel
 from infra.state import state_dir
@@ -118,8 +119,9 @@ class DataConfig(_Strict):
 class ArmConfig(_Strict):
     """How one arm (the large or the small model) trains."""
 
-    # model from the zoo: large = auto | cnn | cnn-dp | mlp; small = logreg | torch-logreg
-    model: str
+    # model from the zoo: large = auto | cnn | cnn-dp | mlp; small = logreg | torch-logreg | gnb (Gaussian
+    # naive Bayes, federated exactly by its sufficient statistics)
+    model: str = "auto"
     # model of this arm's private runs and their central DP references (empty: model). DP-SGD adds
     # noise of the same size to every parameter, so a compact network (cnn-dp: 26k parameters, tanh)
     # often learns far more under DP than the arm's large one (cnn: 1.3M parameters)
@@ -129,7 +131,7 @@ class ArmConfig(_Strict):
     # examples per local training step
     batch_size: int = Field(32, ge=1, le=65536)
     # step size of the node's optimizer
-    learning_rate: float = Field(gt=0.0, le=10.0)
+    learning_rate: float = Field(1e-3, gt=0.0, le=10.0)
     # step size of this arm's private runs at each ε, e.g. {1: 0.02, 3: 0.05} (an ε not listed: learning_rate);
     # DP-SGD's noise grows as ε shrinks, and a step that suits ε=8 can drown a model in noise at ε=1.
     # The central DP reference at that ε uses the same step, so the comparison stays like for like
@@ -247,8 +249,8 @@ class DeploymentConfig(_Strict):
     calibration_examples: int = Field(256, ge=1, le=10_000)
 
 
-LARGE_MODELS = ("auto", "cnn", "cnn-dp", "mlp")
-SMALL_MODELS = ("logreg", "torch-logreg")
+LARGE_MODELS = ("auto", *zoo.LARGE_MODELS)  # the zoo's names: one registry for the config, the zoo and the report
+SMALL_MODELS = zoo.SMALL_MODELS
 
 
 class CompareConfig(_Strict):
@@ -346,11 +348,11 @@ class CompareConfig(_Strict):
                 if name is not None and name not in names:
                     raise ValueError(f"{kind}.{field}: expected one of {', '.join(names)}, got {name!r}")
         small_private = self.small.dp_model or self.small.model
-        if self.privacy.mode == "sample-level" and self.privacy.covers("small") and small_private == "logreg":
+        if self.privacy.mode == "sample-level" and self.privacy.covers("small") and small_private in zoo.SKLEARN_MODELS:
             field = "dp_model" if self.small.dp_model else "model"
             raise ValueError(
                 f"privacy.mode: sample-level DP-SGD (Opacus) trains PyTorch models, but small.{field} is the "
-                f"scikit-learn 'logreg': set small.{field} to 'torch-logreg', privacy.mode to 'client-level', "
+                f"scikit-learn {small_private!r}: set small.{field} to 'torch-logreg', privacy.mode to 'client-level', "
                 "or privacy.arms to 'large'"
             )
         if self.privacy.mode != "none" and self.data.preprocessing == "federated":

@@ -32,7 +32,17 @@ async def follow_flow_run(
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    flow_run = await run_deployment(deployment, parameters=parameters, timeout=0)
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    try:
+        flow_run = await run_deployment(deployment, parameters=parameters, timeout=0)
+    except PrefectHTTPStatusError as exc:  # the server checks the parameters against the flow's schema
+        if exc.response.status_code not in (409, 422):
+            raise
+        detail = exc.response.json().get("detail", exc.response.text) if exc.response.content else str(exc)
+        raise StackError(f"Prefect refused the run's parameters: {' '.join(str(detail).split())}; fix --config "
+                         "(CompareConfig's fields) or redeploy with `fedcompare up` if the deployment is older than "
+                         "this code") from None
     console.print(f"flow run: {settings.prefect_ui}/runs/flow-run/{flow_run.id}", soft_wrap=True)
     run_key = parameters.get("config", {}).get("resume_from") or str(flow_run.id)  # where the store keeps it
     deadline = time.monotonic() + timeout_s

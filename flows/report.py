@@ -355,7 +355,8 @@ def _steps(report: dict[str, Any], arm: dict[str, Any], epsilon: float) -> dict[
     if not kind:
         return {"optimizer": None, "learning rate": None}
     settings = ArmConfig.model_validate(kind)  # the same rule the flow used to pick them
-    return {"optimizer": settings.optimizer_at(epsilon) if arm["model"] != "logreg" else "sgd (scikit-learn)",
+    optimizer = {"logreg": "sgd (scikit-learn)", "gnb": "none (closed form)"}.get(arm["model"])
+    return {"optimizer": optimizer or settings.optimizer_at(epsilon),
             "learning rate": settings.learning_rate_at(float(epsilon))}
 
 

@@ -283,3 +283,19 @@ def test_by_column_partitioning_and_its_column_come_together_on_a_csv() -> None:
         CompareConfig.model_validate({"data": {"dataset": "/d/a.csv", "partitioning": "by-column"}})
     with pytest.raises(ValidationError, match=r"partition_by names a column of a CSV file, but the dataset is 'mnist'"):
         CompareConfig.model_validate({"data": {"partitioning": "by-column", "partition_by": "site"}})
+
+
+def test_prefect_accepts_an_arm_given_in_part_as_the_deployments_parameter():
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import is_valid, validate
+
+    from flows.compare import federated_compare
+
+    schema = parameter_schema(federated_compare).model_dump_for_openapi()
+    partial = {"config": {"small": {"model": "gnb"}, "large": {"local_epochs": 2}}}
+
+    validate(partial, schema, raise_on_error=True)  # what the Prefect server checks before it creates the run
+    assert not is_valid({"config": {"small": {"local_epochs": 0}}}, schema), "the bounds still travel to the server"
+    config = CompareConfig.model_validate(partial["config"])
+    assert (config.small.model, config.small.learning_rate) == ("gnb", CompareConfig().small.learning_rate)
+    assert (config.large.model, config.large.local_epochs) == ("auto", 2)

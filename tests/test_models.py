@@ -14,7 +14,7 @@ from clients.models import LARGE_MODELS, SMALL_MODELS, Model, build_model, resol
 
 REPO = Path(__file__).resolve().parents[1]
 FIT = dict(batch_size=32, seed=0)
-LEARNING_RATE = {"cnn": 1e-3, "cnn-dp": 3e-3, "mlp": 1e-3, "logreg": 1e-2, "torch-logreg": 3e-3}
+LEARNING_RATE = {"cnn": 1e-3, "cnn-dp": 3e-3, "mlp": 1e-3, "logreg": 1e-2, "torch-logreg": 3e-3, "gnb": 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +277,41 @@ def test_macro_f1_equals_scikit_learn(seed: int) -> None:
     expected = f1_score(y_true, y_pred, average="macro", labels=list(range(10)), zero_division=0)
     assert metrics["macro_f1"] == pytest.approx(expected, abs=1e-12)
     assert metrics["accuracy"] == pytest.approx(float(np.mean(y_true == y_pred)))
+
+
+def test_federated_gaussian_naive_bayes_is_the_pooled_one_after_flowers_fedavg() -> None:
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+    from sklearn.naive_bayes import GaussianNB
+
+    from clients.data import central_test, node_data, pooled_train
+    from clients.export import export_fp32, onnx_probabilities
+
+    # Arrange: 4 dirichlet nodes of digits, each fits its own statistics
+    digits = load_dataset("digits")
+    split = {"num_partitions": 4, "scheme": "dirichlet", "seed": 1, "alpha": 0.5, "classes_per_node": 2,
+             "central_test_fraction": 0.2, "local_test_fraction": 0.15}
+    replies = []
+    for node in range(4):
+        train, _ = node_data(digits, partition_id=node, **split)
+        model = build_model("gnb", input_shape=(64,), num_classes=10, seed=0)
+        model.fit(train, epochs=1, batch_size=32, learning_rate=0.01, seed=0)
+        arrays = ArrayRecord({k: Array(v) for k, v in model.get_arrays().items()})
+        replies.append(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": len(train)})}))
+    # Act: Flower's own FedAvg weighting, then the global model
+    merged = aggregate_arrayrecords(replies, "num-examples")
+    federated = build_model("gnb", input_shape=(64,), num_classes=10, seed=0)
+    federated.set_arrays({k: v.numpy() for k, v in merged.items()})
+    pooled = pooled_train(digits, **split)
+    central = GaussianNB().fit(pooled.x.astype(np.float64), pooled.y)
+    test = central_test(digits, central_test_fraction=0.2, seed=1)
+
+    # Assert: the same counts give the same model as scikit-learn on the pooled data
+    params = federated.parameters()
+    assert np.allclose(params["theta_"], central.theta_) and np.allclose(params["var_"], central.var_, rtol=1e-6)
+    assert np.allclose(params["class_prior_"], central.class_prior_)
+    assert (federated.predict(test.x) == central.predict(test.x.astype(np.float64))).all()
+    assert federated.evaluate(test, batch_size=64)["accuracy"] > 0.75
+    onnx = export_fp32(federated, dataset_name="digits")
+    raw = (test.x * 16.0).astype(np.float32)
+    assert (onnx_probabilities(onnx.onnx, raw).argmax(axis=1) == central.predict(test.x.astype(np.float64))).mean() > 0.99
