@@ -1,0 +1,102 @@
+"""The dataset type every part of fedcompare passes around: features, labels and, for tables, their raw cells."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+DatasetKind = Literal["image", "tabular"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features and integer labels of one dataset (or a subset of it)."""
+
+    x: np.ndarray  # float32; images (N, C, H, W), tabular (N, F); NaN: a missing or non-numeric cell of a raw table
+    y: np.ndarray  # int64 labels in 0..num_classes-1
+    num_classes: int  # classes of the whole dataset, also when a subset lacks some
+    name: str  # where it came from: "mnist", "digits", a file name
+    columns: tuple[str, ...] = ()  # names of a table's columns (a CSV header); () = x0, x1, ...
+    cells: np.ndarray | None = None  # a raw table's cells as text (N, F), "" = empty; only when one is not a number
+    groups: np.ndarray | None = None  # (N,) text: the value of the partition_by column (not a feature), or None
+
+    def __post_init__(self) -> None:
+        """Reject arrays that do not fit the dataset contract."""
+        if self.x.dtype != np.float32 or self.y.dtype != np.int64:
+            raise ValueError(
+                f"dataset {self.name!r}: expected x float32 and y int64, got x {self.x.dtype} "
+                f"and y {self.y.dtype}; build datasets with load_dataset or cast the arrays"
+            )
+        if self.x.ndim not in (2, 4) or self.y.ndim != 1 or len(self.x) != len(self.y):
+            raise ValueError(
+                f"dataset {self.name!r}: expected x of shape (N, F) or (N, C, H, W) and y of "
+                f"shape (N,), got x {self.x.shape} and y {self.y.shape}"
+            )
+        if self.columns and (self.x.ndim != 2 or len(self.columns) != self.x.shape[1]):
+            raise ValueError(f"dataset {self.name!r}: {len(self.columns)} column names for features {self.x.shape[1:]}")
+        if self.groups is not None and self.groups.shape != self.y.shape:
+            raise ValueError(f"dataset {self.name!r}: groups {self.groups.shape} do not match labels {self.y.shape}")
+        if self.cells is not None and self.cells.shape != self.x.shape:
+            raise ValueError(f"dataset {self.name!r}: text cells {self.cells.shape} do not match features {self.x.shape}")
+        if len(self.y) and (self.y.min() < 0 or self.y.max() >= self.num_classes):
+            raise ValueError(
+                f"dataset {self.name!r}: labels must lie in 0..{self.num_classes - 1}, got "
+                f"{self.y.min()}..{self.y.max()}; remap labels before building the dataset"
+            )
+
+    def __len__(self) -> int:
+        """Return the number of examples."""
+        return len(self.y)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Return the shape of one example."""
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    @property
+    def kind(self) -> DatasetKind:
+        """Return "image" for (N, C, H, W) features and "tabular" for (N, F)."""
+        return "image" if self.x.ndim == 4 else "tabular"
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Return a table's column names (x0, x1, ... when the source has none)."""
+        if self.kind != "tabular":
+            return ()
+        return self.columns or tuple(f"x{i}" for i in range(self.x.shape[1]))
+
+    @property
+    def raw(self) -> bool:
+        """Return whether this is a table with text or missing cells, which needs a preprocessing spec to train on."""
+        return self.cells is not None or bool(np.isnan(self.x).any())
+
+    def subset(self, idx: np.ndarray) -> Dataset:
+        """Return the examples at ``idx`` (in that order) as a new dataset."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return Dataset(
+            x=np.ascontiguousarray(self.x[idx]),
+            y=np.ascontiguousarray(self.y[idx]),
+            num_classes=self.num_classes,
+            name=self.name,
+            columns=self.columns,
+            cells=None if self.cells is None else np.ascontiguousarray(self.cells[idx]),
+            groups=None if self.groups is None else np.ascontiguousarray(self.groups[idx]),
+        )
+
+
+def concatenate(parts: list[Dataset]) -> Dataset:
+    """Return the examples of ``parts`` one after another, as one dataset (the first part's name and classes)."""
+    first = parts[0]
+    cells = None
+    if any(p.cells is not None for p in parts):
+        cells = np.concatenate([p.cells if p.cells is not None else _as_cells(p.x) for p in parts])
+    groups = np.concatenate([p.groups for p in parts]) if all(p.groups is not None for p in parts) else None
+    return Dataset(x=np.concatenate([p.x for p in parts]), y=np.concatenate([p.y for p in parts]),
+                   num_classes=first.num_classes, name=first.name, columns=first.columns, cells=cells, groups=groups)
+
+
+def _as_cells(x: np.ndarray) -> np.ndarray:
+    """Return numeric features as text cells ("" for NaN), to join a table that has text cells."""
+    return np.array([["" if not np.isfinite(v) else format(float(v), "g") for v in row] for row in x], dtype=str)
