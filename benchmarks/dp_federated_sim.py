@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="cnn")
+    p.add_argument("--dataset", default="mnist", help="a built-in dataset or a file, as data.dataset (default mnist)")
     p.add_argument("--epsilons", default="8")
     p.add_argument("--optimizer", default="adam")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -67,14 +68,15 @@ def main() -> None:
     num_partitions = 4
     data_kwargs = {"scheme": args.partitioning, "seed": args.seed, "alpha": args.alpha, "classes_per_node": 2,
                    "central_test_fraction": 0.2, "local_test_fraction": 0.15}
-    dataset = load_dataset("mnist")
+    dataset = load_dataset(args.dataset)
     test = central_test(dataset, central_test_fraction=0.2, seed=args.seed)
     nodes = [node_data(dataset, partition_id=i, num_partitions=num_partitions, **data_kwargs)[0]
              for i in range(num_partitions)]
     training = [int(s) for s in args.nodes_train.split(",")] if args.nodes_train else list(range(num_partitions))
     epsilons = [None] if args.no_dp else [float(e) for e in args.epsilons.split(",")]
-    common = {"optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
-              "max_grad_norm": args.max_grad_norm, "rounds": args.rounds, "partitioning": args.partitioning}
+    common = {"dataset": args.dataset, "model": args.model, "optimizer": args.optimizer, "lr": args.lr,
+              "epochs": args.epochs, "batch_size": args.batch_size, "max_grad_norm": args.max_grad_norm,
+              "rounds": args.rounds, "partitioning": args.partitioning}
 
     def build():
         return build_model(args.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
