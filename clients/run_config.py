@@ -11,6 +11,12 @@ from typing import Any, Mapping
 
 AGGREGATIONS = ("fedavg", "fedmedian", "trimmed-mean", "krum")  # server.strategy.AGGREGATIONS, without Flower
 FEDERATED = "federated"  # the node query's preprocessing value: send the statistics of your table
+ROUND_ATTEMPTS = 2  # tries of a round that gets too few valid training replies (server.rounds.RoundPolicy)
+
+
+def longest_round_s(round_timeout_s: float, attempts: int = ROUND_ATTEMPTS) -> float:
+    """Return the longest one round may take: every training attempt and the evaluation, each up to the timeout."""
+    return (attempts + 1) * round_timeout_s
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 from clients.centralized import train_centralized
 from clients.data import Dataset, load_dataset
 from clients.preprocess import PreprocessingError, build_spec, describe, prepare
-from clients.run_config import FEDERATED
+from clients.run_config import FEDERATED, longest_round_s
 from clients.models import TORCH_MODELS, estimate_training_memory_bytes, resolve_large_model
 from flows.assignment import assign_nodes, node_table
 from flows.config import BUILTIN_DATASETS, CompareConfig, resolve_store_uri, resolve_superlink
@@ -347,8 +347,8 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
         update_progress_artifact(artifact_id=progress, progress=100.0 * seen / config.rounds)
 
     try:
-        # a round may take two training attempts and an evaluation, each within the arm's round timeout
-        round_limit_s = 3 * getattr(config, kind or arm).round_timeout_s
+        # the round policy's training attempts and the evaluation, each within the arm's round timeout
+        round_limit_s = longest_round_s(getattr(config, kind or arm).round_timeout_s)
         status = _wait_for(run_id, superlink, config.rounds * round_limit_s + 300,
                            on_poll=mirror_rounds, looks_done=lambda: seen >= config.rounds)
     except BaseException:

@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import Strategy
 
+from clients.run_config import ROUND_ATTEMPTS
 from server._grid import ArmGrid
 from server._updates import check_update, check_weight
 from server.strategy import Recording
@@ -38,7 +39,7 @@ class RoundPolicy:
     timeout_s: float  # one training attempt waits this long for nodes to connect and reply; evaluation as long
     min_replies: int  # valid training replies a round needs; with fewer it is tried again, then the arm fails
     max_update_norm: float | None = None  # largest accepted L2 norm of (reply - global model); None: no bound
-    attempts: int = 2  # tries of a round that gets too few valid training replies
+    attempts: int = ROUND_ATTEMPTS  # tries of a round that gets too few valid training replies
 
     def missing_reason(self) -> str:
         """Return the failure reason of a node that did not reply in time."""

@@ -195,3 +195,13 @@ def test_client_level_dp_scales_the_noise_to_the_replies_it_averages():
     # a mean of 2 clipped updates moves by up to C/2 when one node changes: the noise must be σ·C/2, not σ·C/4
     assert float(arrays["w"].numpy().std()) == pytest.approx(1.0 * 1.0 / 2, rel=0.05)
     assert private.num_sampled_clients == 4, "the planned sample size is kept for the next round"
+
+
+def test_the_flows_wait_for_an_arm_follows_the_round_policy():
+    from clients.run_config import longest_round_s
+    from server.rounds import RoundPolicy
+
+    policy = RoundPolicy(timeout_s=60.0, min_replies=1)
+
+    assert longest_round_s(60.0) == (policy.attempts + 1) * policy.timeout_s, "every attempt and the evaluation"
+    assert longest_round_s(60.0, attempts=3) == 240.0
