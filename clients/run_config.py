@@ -14,6 +14,25 @@ FEDERATED = "federated"  # the node query's preprocessing value: send the statis
 ROUND_ATTEMPTS = 2  # tries of a round that gets too few valid training replies (server.rounds.RoundPolicy)
 
 
+def privacy_conflict(model: str, privacy_mode: str) -> str | None:
+    """Return why ``model`` cannot train under ``privacy_mode`` (None: it can); the flow and the apps say the same."""
+    from clients.models import SKLEARN_MODELS
+
+    if privacy_mode == "sample-level" and model in SKLEARN_MODELS:
+        return (f"sample-level DP-SGD (Opacus) trains PyTorch models, but the model is the scikit-learn {model!r}: "
+                "use the model 'torch-logreg', client-level privacy, or train this arm without DP")
+    return None
+
+
+def aggregation_conflict(aggregation: str, privacy_mode: str) -> str | None:
+    """Return why ``aggregation`` cannot combine updates under ``privacy_mode`` (None: it can)."""
+    if privacy_mode == "client-level" and aggregation != "fedavg":
+        return (f"client-level DP calibrates its noise and ε to the mean of the clipped updates, but the arm "
+                f"aggregates with {aggregation!r} (a median or Krum can move further with one node): use aggregation "
+                "'fedavg', or sample-level privacy")
+    return None
+
+
 def longest_round_s(round_timeout_s: float, attempts: int = ROUND_ATTEMPTS) -> float:
     """Return the longest one round may take: every training attempt and the evaluation, each up to the timeout."""
     return (attempts + 1) * round_timeout_s
@@ -110,12 +129,12 @@ class ArmRunConfig:
             raise ValueError(
                 f"run config aggregation: expected one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}"
             )
-        if self.aggregation != "fedavg" and self.privacy_mode == "client-level":
-            raise ValueError(
-                f"run config aggregation {self.aggregation!r} with privacy-mode 'client-level': the client-level "
-                "noise and ε are calibrated to the mean of the clipped updates (a median or Krum can move further "
-                "with one node): use aggregation 'fedavg', or sample-level privacy"
-            )
+        conflict = aggregation_conflict(self.aggregation, self.privacy_mode)
+        if conflict:
+            raise ValueError(f"run config aggregation: {conflict}")
+        conflict = privacy_conflict(self.model, self.privacy_mode) if self.mode == "train" else None
+        if conflict:
+            raise ValueError(f"run config privacy-mode: {conflict}")
         if self.min_replies < 1:
             raise ValueError(f"run config min-replies: expected 1 or more, got {self.min_replies}")
         if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):

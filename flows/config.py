@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from clients import models as zoo
 from clients.preprocess import PreprocessingError, check_spec
+from clients.run_config import aggregation_conflict, privacy_conflict
 from flows.decision import CostModel
 from infra.state import state_dir
 
@@ -348,13 +349,10 @@ class CompareConfig(_Strict):
                 if name is not None and name not in names:
                     raise ValueError(f"{kind}.{field}: expected one of {', '.join(names)}, got {name!r}")
         small_private = self.small.dp_model or self.small.model
-        if self.privacy.mode == "sample-level" and self.privacy.covers("small") and small_private in zoo.SKLEARN_MODELS:
+        conflict = privacy_conflict(small_private, self.privacy.mode) if self.privacy.covers("small") else None
+        if conflict:
             field = "dp_model" if self.small.dp_model else "model"
-            raise ValueError(
-                f"privacy.mode: sample-level DP-SGD (Opacus) trains PyTorch models, but small.{field} is the "
-                f"scikit-learn {small_private!r}: set small.{field} to 'torch-logreg', privacy.mode to 'client-level', "
-                "or privacy.arms to 'large'"
-            )
+            raise ValueError(f"privacy.mode (small.{field}): {conflict} (privacy.arms 'large')")
         if self.privacy.mode != "none" and self.data.preprocessing == "federated":
             raise ValueError(
                 f"data.preprocessing: {self.data.preprocessing!r} would compute the nodes' feature means, ranges and "
@@ -363,13 +361,9 @@ class CompareConfig(_Strict):
                 "privacy, or your own) or 'none'"
             )
         for kind in ("large", "small"):
-            aggregation = getattr(self, kind).aggregation
-            if self.privacy.mode == "client-level" and self.privacy.covers(kind) and aggregation != "fedavg":
-                raise ValueError(
-                    f"{kind}.aggregation: client-level DP calibrates its noise to the mean of the clipped "
-                    f"updates, but the arm aggregates with {aggregation!r}: set {kind}.aggregation to 'fedavg' "
-                    "or use privacy.mode 'sample-level'"
-                )
+            conflict = aggregation_conflict(getattr(self, kind).aggregation, self.privacy.mode)
+            if conflict and self.privacy.covers(kind):
+                raise ValueError(f"{kind}.aggregation: {conflict}")
         return self
 
     def unused_steps(self) -> list[str]:

@@ -219,7 +219,7 @@ def test_each_arm_run_carries_its_own_round_rules_and_the_query_waits_for_the_mo
         ({"max-update-norm": -1.0}, "max-update-norm: expected a finite number >= 0 \\(0: no bound\\), got -1.0"),
         ({"max-update-norm": float("nan")}, "max-update-norm: expected a finite number"),
         ({"round-timeout": 0.0}, "round-timeout: expected seconds > 0, got 0.0"),
-        ({"aggregation": "krum", "privacy-mode": "client-level"}, "'krum' with privacy-mode 'client-level'.*'fedavg'"),
+        ({"aggregation": "krum", "privacy-mode": "client-level"}, "aggregation: client-level DP.*aggregates with 'krum'.*'fedavg'"),
     ],
 )
 def test_the_app_rejects_bad_round_rules_in_the_run_config(change, message):
@@ -299,3 +299,25 @@ def test_prefect_accepts_an_arm_given_in_part_as_the_deployments_parameter():
     config = CompareConfig.model_validate(partial["config"])
     assert (config.small.model, config.small.learning_rate) == ("gnb", CompareConfig().small.learning_rate)
     assert (config.large.model, config.large.local_epochs) == ("auto", 2)
+
+
+@pytest.mark.parametrize(("config", "run_config"), [
+    ({"privacy": {"mode": "sample-level"}}, {"model": "logreg", "privacy-mode": "sample-level"}),
+    ({"small": {"model": "gnb"}, "privacy": {"mode": "sample-level"}}, {"model": "gnb", "privacy-mode": "sample-level"}),
+    ({"large": {"aggregation": "krum"}, "privacy": {"mode": "client-level"}},
+     {"aggregation": "krum", "privacy-mode": "client-level"}),
+])
+def test_a_combination_the_flow_refuses_is_refused_by_the_apps_with_the_same_reason(config, run_config):
+    import tomllib
+    from pathlib import Path
+
+    table = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    submitted = {**table["tool"]["flwr"]["app"]["config"], **run_config}  # `flwr run . --run-config ...`
+
+    with pytest.raises(ValidationError) as flow:
+        CompareConfig.model_validate(config)
+    with pytest.raises(ValueError) as app:
+        ArmRunConfig.from_run_config(submitted)
+
+    reason = str(app.value).split(": ", 1)[1]  # after "run config <key>: "
+    assert reason in str(flow.value), (reason, str(flow.value))

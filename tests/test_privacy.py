@@ -159,7 +159,7 @@ def test_layers_opacus_rejects_are_replaced_and_named():
 
 
 def test_sample_level_needs_a_torch_small_model():
-    with pytest.raises(ValueError, match="small.model to 'torch-logreg'"):
+    with pytest.raises(ValueError, match="small.model\): .*use the model 'torch-logreg'"):
         CompareConfig.model_validate({"privacy": {"mode": "sample-level"}})
     CompareConfig.model_validate({"privacy": {"mode": "client-level"}})
 
@@ -288,5 +288,5 @@ def test_an_arm_can_train_a_more_compact_model_under_dp():
 
     with pytest.raises(ValueError, match="large.dp_model: expected one of auto, cnn, cnn-dp, mlp, got 'logreg'"):
         CompareConfig.model_validate({**settings, "large": {**settings["large"], "dp_model": "logreg"}})
-    with pytest.raises(ValueError, match="small.dp_model is the scikit-learn 'logreg'"):
+    with pytest.raises(ValueError, match="small.dp_model\): sample-level DP-SGD .*the scikit-learn 'logreg'"):
         CompareConfig.model_validate({**settings, "small": {**settings["small"], "dp_model": "logreg"}})
