@@ -16,7 +16,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     sub = commands.add_parser(
         "serve", help="serve an arm's exported model (fp32, int8 or fp16) over HTTP",
         description="Serve one exported variant of an arm's final model with onnxruntime: POST /predict "
-        '({"inputs": [example, ...]} in raw units, e.g. MNIST pixels 0-255) answers classes and probabilities; '
+        '({"inputs": [example, ...]} in raw units, e.g. MNIST pixels 0-255; for a table trained with a '
+        'preprocessing spec also {"rows": [{column: value, ...}, ...]}) answers classes and probabilities; '
         "GET /health; GET /metadata (model, variant, run key, accuracy, input schema). The model's sha256 is "
         "checked against its deploy.json before it is loaded.")
     sub.add_argument("run", help="run key (flow-run id) of a federated-compare run, or `latest`")
@@ -45,6 +46,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         loaded = load(store, run_key, args.arm, args.variant, threads=args.threads)
     except (DeploymentError, StoreError, ValueError) as exc:
         raise StackError(str(exc)) from None
+    spec = loaded.document["input"].get("preprocessing")
+    if spec:  # a table's model also takes raw rows by column name, encoded as in training
+        from functools import partial
+
+        from clients.preprocess import encode_rows
+
+        loaded.encode_rows = partial(encode_rows, spec)
     entry = loaded.document["variants"][args.variant]
     print(f"serving {args.arm} ({loaded.document['model']}, {args.variant}, {entry['bytes']} bytes, sha256 "
           f"{entry['sha256'][:12]}… verified) of run {run_key} at http://{args.host}:{args.port}", flush=True)

@@ -336,3 +336,42 @@ def prepare(ds: Dataset, spec: Mapping[str, Any] | None) -> Dataset:
             "statistics) or pass a spec's JSON as run config 'preprocessing'"
         )
     return ds
+
+
+def encode_rows(spec: Mapping[str, Any], rows: Sequence[Any]) -> np.ndarray:
+    """Return raw rows (objects of column -> number, text or null) as the spec's float32 features.
+
+    Raises PreprocessingError naming the row and column of the first value that does not fit.
+    """
+    names = [c["name"] for c in spec["columns"]]
+    cells = np.full((len(rows), len(names)), "", dtype=object)
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise PreprocessingError(f"row {i} is {type(row).__name__}, expected an object of column -> value")
+        unknown = sorted(set(row) - set(names))
+        if unknown:
+            raise PreprocessingError(f"row {i} has column(s) {', '.join(map(str, unknown))} that the model does not "
+                                     f"take; its columns: {', '.join(names)}")
+        for j, name in enumerate(names):
+            value = row.get(name)
+            if value is None:
+                continue  # missing: filled as in training
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise PreprocessingError(f"row {i} column {name!r} is {type(value).__name__}, expected a number, "
+                                         "text or null")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PreprocessingError(f"row {i} column {name!r} is {value}, expected a finite number or null")
+            cells[i, j] = str(value).strip()
+    text = cells.astype(str)
+    numbers = np.array([[_number(c) for c in line] for line in text], dtype=np.float32).reshape(text.shape)
+    table = Dataset(x=numbers, y=np.zeros(len(rows), dtype=np.int64), num_classes=1, name="request",
+                    columns=tuple(names), cells=text)
+    return apply_spec(spec, table).x
+
+
+def _number(cell: str) -> float:
+    """Return a raw cell as a number (NaN: empty or text)."""
+    try:
+        return float(cell) if cell else math.nan
+    except ValueError:
+        return math.nan

@@ -4,7 +4,11 @@
 numbers (tabular data, or an image flattened) or an image as nested lists
 ((C, H, W), or (H, W) for one channel), in the raw units deploy.json's input schema
 names (MNIST pixels 0–255: the scaling is inside the graph). It answers
-``{"classes": [...], "probabilities": [[...], ...]}``. A body that is not JSON, not that
+``{"classes": [...], "probabilities": [[...], ...]}``. A model trained on a table with a
+preprocessing spec also takes ``{"rows": [{"column": value, ...}, ...]}``: raw rows by
+column name (text categories, empty cells as null), which the ``encode_rows`` the caller
+gives (the CLI: ``clients.preprocess.encode_rows`` with deploy.json's spec) turns into the
+model's features. A body that is not JSON, not that
 shape, not numbers, not finite, or too large gets 422 with a one-line ``detail``; the
 server keeps serving. ``GET /health`` and ``GET /metadata`` (model, variant, run key,
 accuracy, input schema) answer always. The variant's bytes are checked against the sha256
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +46,7 @@ class LoadedModel:
     document: dict[str, Any]  # deploy.json
     variant: str
     input_shape: tuple[int, ...]  # one example's shape
+    encode_rows: Callable[[list[Any]], np.ndarray] | None = None  # raw rows -> features (a table's spec); raises ValueError
 
     def metadata(self) -> dict[str, Any]:
         """Return what GET /metadata answers."""
@@ -70,8 +76,12 @@ def load(store, run_key: str, arm: str, variant: str, *, threads: int = 0) -> Lo
     return LoadedModel(session, document, variant, tuple(document["input"]["example_shape"]))
 
 
-def parse_inputs(body: bytes, input_shape: tuple[int, ...]) -> np.ndarray:
-    """Return the request's examples as a float32 batch of ``input_shape``; raise PayloadError saying what is wrong."""
+def parse_inputs(body: bytes, input_shape: tuple[int, ...],
+                 encode_rows: Callable[[list[Any]], np.ndarray] | None = None) -> np.ndarray:
+    """Return the request's examples as a float32 batch of ``input_shape``; raise PayloadError saying what is wrong.
+
+    ``encode_rows``: turns the raw rows of a ``{"rows": [...]}`` body into features (None: only "inputs").
+    """
     if len(body) > MAX_BODY_BYTES:
         raise PayloadError(f"request body is {len(body)} bytes, at most {MAX_BODY_BYTES} are accepted: "
                            f"send at most {MAX_ROWS} examples per request")
@@ -80,9 +90,13 @@ def parse_inputs(body: bytes, input_shape: tuple[int, ...]) -> np.ndarray:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PayloadError(f"body is not JSON ({exc.__class__.__name__}): send {{\"inputs\": [example, ...]}}") \
             from None
-    if not isinstance(payload, dict) or set(payload) != {"inputs"}:
-        raise PayloadError('expected a JSON object with one key "inputs" (a list of examples), got '
+    keys = ("inputs", "rows") if encode_rows else ("inputs",)
+    if not isinstance(payload, dict) or len(payload) != 1 or next(iter(payload)) not in keys:
+        wanted = 'one key "inputs" (a list of examples)' + (' or "rows" (raw rows by column name)' if encode_rows else "")
+        raise PayloadError(f"expected a JSON object with {wanted}, got "
                            f"{type(payload).__name__}{' with keys ' + ', '.join(map(str, payload)) if isinstance(payload, dict) else ''}")
+    if "rows" in payload:
+        return _encoded(payload["rows"], encode_rows)
     rows = payload["inputs"]
     if not isinstance(rows, list) or not rows:
         raise PayloadError('"inputs" must be a non-empty list of examples')
@@ -105,6 +119,18 @@ def parse_inputs(body: bytes, input_shape: tuple[int, ...]) -> np.ndarray:
         raise PayloadError(f"each example must have shape {list(input_shape)} (or a flat row of {flat}), "
                            f"got {list(example)}")
     return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def _encoded(rows: Any, encode_rows: Callable[[list[Any]], np.ndarray]) -> np.ndarray:
+    """Return raw rows as the model's features; raise PayloadError with the encoder's one-line reason."""
+    if not isinstance(rows, list) or not rows:
+        raise PayloadError('"rows" must be a non-empty list of objects, one per example')
+    if len(rows) > MAX_ROWS:
+        raise PayloadError(f'"rows" holds {len(rows)} examples, at most {MAX_ROWS} are accepted per request')
+    try:
+        return np.ascontiguousarray(encode_rows(rows), dtype=np.float32)
+    except ValueError as exc:
+        raise PayloadError(str(exc)) from None
 
 
 def predict(loaded: LoadedModel, batch: np.ndarray) -> dict[str, Any]:
@@ -134,7 +160,7 @@ def build_app(loaded: LoadedModel):
         """Return the class and probabilities of every example in the body."""
         body = await request.body()
         try:
-            batch = parse_inputs(body, loaded.input_shape)
+            batch = parse_inputs(body, loaded.input_shape, loaded.encode_rows)
         except PayloadError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=422)
         return await run_in_threadpool(predict, loaded, batch)

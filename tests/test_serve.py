@@ -137,3 +137,59 @@ def test_serve_refuses_a_corrupt_artifact_in_one_line(served):
 
     assert process.returncode == 1
     assert output.strip().count("\n") == 0 and "corrupt: expected sha256" in output, output
+
+
+def test_a_table_model_takes_raw_rows_by_column_name_encoded_as_in_training(tmp_path):
+    from clients.data import load_dataset, pooled_train
+    from clients.models import build_model
+    from clients.preprocess import apply_spec, build_spec, local_stats, merge_stats
+    from flows.deployment import calibration_source, deploy_arm, deployment_data
+    from infra.checkpoints import write_round
+    from tests.test_deploy import DATA, FAST
+    from tests.test_preprocess import write_wine
+
+    # Arrange: gnb on the unscaled wine table with a category and empty cells, deployed with its spec
+    raw = load_dataset(str(write_wine(tmp_path / "wine.csv", categorical=True, missing=0.05)))
+    spec = build_spec(merge_stats([local_stats(pooled_train(raw, num_partitions=4, **DATA))]))
+    ready = apply_spec(spec, raw)
+    model = build_model("gnb", input_shape=ready.input_shape, num_classes=ready.num_classes, seed=0)
+    model.fit(ready, epochs=1, batch_size=32, learning_rate=0.01, seed=0)
+    uri = f"file://{tmp_path / 'store'}"
+    store = open_store(uri)
+    meta = {"model": {"name": "gnb", "args": {"input_shape": list(ready.input_shape), "num_classes": 3}}, "privacy": None}
+    write_round(store, "run-table", "small", 1, model.get_arrays(), {"round": 1}, {"arm": "small"}, meta=meta)
+    test, calibration = deployment_data(ready, partition_ids=[0, 1, 2, 3], num_partitions=4, private=False,
+                                        examples=64, data_kwargs=DATA)
+    deploy_arm(store, "run-table", "small", dataset=ready, test=test, calibration_x=calibration,
+               calibration=calibration_source(private=False, pooled=True), settings=FAST, preprocessing=spec)
+    rows = [{name: (None if cell == "" else cell if name == "cellar" else float(cell))
+             for name, cell in zip(raw.columns, line)} for line in raw.cells[:12]]
+    port = _free_port()
+    process = _serve(uri, "run-table", "--arm", "small", "--variant", "fp32", "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "fedcompare serve did not answer /health within 90 s"
+            time.sleep(0.3)
+        # Act
+        answer = httpx.post(f"{url}/predict", json={"rows": rows}, timeout=30)
+        wrong = httpx.post(f"{url}/predict", json={"rows": [{**rows[0], "vintage": 1999}]}, timeout=30)
+        again = httpx.post(f"{url}/predict", json={"rows": rows[:1]}, timeout=30)
+        schema = httpx.get(f"{url}/metadata", timeout=10).json()
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+
+    # Assert: the served classes are the framework's on the same rows, encoded by the same spec
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["classes"] == model.predict(ready.x[:12]).tolist()
+    assert wrong.status_code == 422 and "column(s) vintage that the model does not take" in wrong.json()["detail"]
+    assert again.status_code == 200, "a refused request leaves the server serving"
+    assert schema["input"]["preprocessing"] == spec
