@@ -102,7 +102,10 @@ def merge_stats(parts: Sequence[Mapping[str, Any]], *, names: Sequence[str] | No
             )
     merged: dict[str, dict[str, Any]] = {}
     for column in order:
-        kinds = {name: part["columns"][column]["kind"] for name, part in zip(names, parts)}
+        columns = [part["columns"][column] for part in parts]
+        if len({c["kind"] for c in columns}) > 1:  # a node without a single value agrees with the others' kind
+            columns = [_as_categorical_if_empty(c) for c in columns]
+        kinds = {name: c["kind"] for name, c in zip(names, columns)}
         if len(set(kinds.values())) > 1:
             text = ", ".join(n for n, k in kinds.items() if k == "categorical")
             numbers = ", ".join(n for n, k in kinds.items() if k == "numeric")
@@ -110,9 +113,16 @@ def merge_stats(parts: Sequence[Mapping[str, Any]], *, names: Sequence[str] | No
                 f"column {column!r} holds text on {text} but only numbers on {numbers}; make the column "
                 "categorical everywhere (e.g. prefix its values with a letter) or numeric everywhere"
             )
-        merged[column] = _merge_column([part["columns"][column] for part in parts])
+        merged[column] = _merge_column(columns)
     return {"version": SPEC_VERSION, "rows": sum(int(p["rows"]) for p in parts), "nodes": len(parts),
             "order": order, "columns": merged}
+
+
+def _as_categorical_if_empty(column: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Return a numeric column without a single value as an empty categorical one (it agrees with either kind)."""
+    if column["kind"] == "numeric" and int(column["count"]) == 0:
+        return {"kind": "categorical", "missing": int(column["missing"]), "counts": {}}
+    return column
 
 
 def _merge_column(columns: list[Mapping[str, Any]]) -> dict[str, Any]:

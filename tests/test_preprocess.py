@@ -179,3 +179,17 @@ def test_the_flow_refuses_to_train_a_table_with_text_cells_as_loaded(tmp_path: P
     with pytest.raises(ValueError, match=r"'none' \(features as loaded\) cannot train on .*wine\.csv', which has "
                                          r"text or empty cells: give data.preprocessing a fixed spec or 'federated'"):
         resolve_preprocessing.fn(config, {"nodes": []})
+
+
+def test_a_node_whose_text_column_is_all_empty_agrees_with_the_others(tmp_path: Path) -> None:
+    full = tmp_path / "full.csv"
+    full.write_text("city,x,label\nParis,1,0\nRome,2,1\nParis,3,0\n")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("city,x,label\n,4,1\n,5,0\n")
+
+    stats = merge_stats([local_stats(load_dataset(str(full))), local_stats(load_dataset(str(empty)))])
+    spec = build_spec(stats)
+
+    city = spec["columns"][0]
+    assert city["kind"] == "categorical" and city["categories"] == ["Paris", "Rome"] and city["missing"] == 2
+    assert apply_spec(spec, load_dataset(str(empty))).x[:, :2].tolist() == [[1, 0], [1, 0]], "filled with Paris"
