@@ -8,7 +8,7 @@ Replies say which (``worker-warm`` 1/0, ``worker-restarts``).
 
 The app reads its node-config keys once per message into :class:`NodeConfig`: ``worker-socket``
 and ``client-mods``, Flower client mods the node's operator installs around every handler
-(`clients/_client_mods.py`). The node's tasks read the data keys (``partition-id``, ``tier``, …).
+(`clients/client_mods.py`). The node's tasks read the data keys (``partition-id``, ``tier``, …).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from clients import _warm
-from clients._client_mods import CLIENT_MODS, load_client_mods
+from clients.client_mods import CLIENT_MODS, load_client_mods
 
 log = logging.getLogger("fedcompare.client")
 _APP_DIR = Path(__file__).resolve().parents[1]  # the installed FAB this process runs

@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients._client_mods import ClientModsError, load_client_mods
+from clients.client_mods import ClientModsError, load_client_mods
 from clients.client_app import NodeConfig, app, node_mods
 from tests import faults_mod
 from tests.faults_mod import HANG_TIMEOUTS, HUGE_FACTOR, fault_mod

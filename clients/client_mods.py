@@ -21,7 +21,7 @@ class ClientModsError(ValueError):
     """A ``client-mods`` entry that does not name an importable callable."""
 
 
-def load_client_mods(spec: str) -> tuple[Callable[..., Any], ...]:
+def load_client_mods(spec: str, *, named_by: str = f"node config {CLIENT_MODS}") -> tuple[Callable[..., Any], ...]:
     """Import the client mods that ``spec`` names ("module:attribute,…"; "" for none), outermost first."""
     mods = []
     for ref in filter(None, (part.strip() for part in spec.split(","))):
@@ -37,8 +37,8 @@ def load_client_mods(spec: str) -> tuple[Callable[..., Any], ...]:
         except Exception as exc:  # an operator's module may fail to import in any way: say which entry
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())
             raise ClientModsError(
-                f"node config {CLIENT_MODS} entry {ref!r}: {reason}; name each mod as module:function importable "
-                f"by the SuperNode (installed or on its PYTHONPATH), or remove the entry from {CLIENT_MODS}"
+                f"{named_by} entry {ref!r}: {reason}; name each mod as module:function importable "
+                f"by the SuperNode (installed or on its PYTHONPATH), or remove the entry"
             ) from exc
         mods.append(mod)
     return tuple(mods)
