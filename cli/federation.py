@@ -79,6 +79,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                      "host (default 9094)")
     sub.add_argument("--privacy-budget", type=float, metavar="EPSILON", help="lifetime ε that DP-SGD may "
                      "spend on this node's data over all runs (default: no limit; the ledger is kept anyway)")
+    sub.add_argument("--client-mods", default="", metavar="MODULE:FUNCTION[,...]", help="Flower client mods "
+                     "(mod(msg, context, call_next)) that the ClientApp wraps around every message, outermost "
+                     "first, e.g. your own logging; each must import here, installed or on PYTHONPATH, which the "
+                     "SuperNode passes on (node config client-mods; default: none)")
     sub.add_argument("--warm-worker", action=argparse.BooleanOptionalAction, default=True,
                      help="start a warm worker beside the SuperNode that keeps torch, scikit-learn and this "
                      "node's data loaded between Flower messages (default: on)")
@@ -218,9 +222,14 @@ def _detect_gpu() -> fed.Gpu | None:
 
 def _cmd_node_start(args: argparse.Namespace) -> int:
     """Check the node's data and settings, print one line about them, and run the SuperNode."""
+    from clients.client_mods import ClientModsError, load_client_mods
     from clients.node_data import NodeDataError, inspect_node_data
 
     fed.split_address(args.superlink)
+    try:
+        load_client_mods(args.client_mods, named_by="--client-mods")  # refused here in one line, not by every message
+    except ClientModsError as exc:
+        raise FederationError(str(exc)) from None
     root = certs.check_root_certificates(args.root_certificates) if args.root_certificates else None
     key, key_warning = certs.check_auth_key(args.auth_key) if args.auth_key else (None, "")
     try:
@@ -235,7 +244,7 @@ def _cmd_node_start(args: argparse.Namespace) -> int:
     config = fed.node_config(data_path=info.path, data_format=data_format, tier=hardware.tier,
                              device=hardware.device, label_column=args.label_column if data_format == "csv" else None,
                              privacy_ledger=state / "privacy-ledger.json", privacy_budget=args.privacy_budget,
-                             worker_socket=socket_path)
+                             worker_socket=socket_path, client_mods=args.client_mods)
     command = fed.supernode_command(superlink=args.superlink, root_certificates=root, auth_key=key,
                                     insecure=args.insecure, host=args.host, port=args.port, node_config=config)
     if _listening(fed.local_address(args.host, args.port)):

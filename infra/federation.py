@@ -196,13 +196,15 @@ def _config_value(key: str, value: str | float) -> str:
 
 def node_config(*, data_path: str | Path, data_format: str, tier: str, device: str,
                 label_column: str | None = None, privacy_ledger: str | Path | None = None,
-                privacy_budget: float | None = None, worker_socket: str | Path | None = None) -> str:
+                privacy_budget: float | None = None, worker_socket: str | Path | None = None,
+                client_mods: str = "") -> str:
     """Return the SuperNode's --node-config string with the keys the ClientApp reads.
 
     Args: data_path: the node's data file or image folder (made absolute); data_format:
         auto|csv|npz|image-folder; tier: gpu|cpu; device: auto|cpu|cuda; label_column: the CSV label
         column (omitted if None); privacy_ledger: file of ε spent on this data; privacy_budget: lifetime ε;
-        worker_socket: the Unix socket of the node's warm worker (omitted if None).
+        worker_socket: the Unix socket of the node's warm worker (omitted if None); client_mods: the
+        Flower client mods the ClientApp installs, "module:function,…" (omitted if "").
     Returns: space-separated key="value" pairs.
     Raises: FederationError for a value outside its choices or one Flower cannot parse.
     """
@@ -222,6 +224,8 @@ def node_config(*, data_path: str | Path, data_format: str, tier: str, device: s
         pairs["privacy-budget"] = float(privacy_budget)
     if worker_socket is not None:
         pairs["worker-socket"] = str(worker_socket)
+    if client_mods:
+        pairs["client-mods"] = client_mods
     return " ".join(f"{key}={_config_value(key, value)}" for key, value in pairs.items())
 
 

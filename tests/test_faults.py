@@ -29,6 +29,7 @@ from tests.s3server import free_port, running_s3_server
 from tests.tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
+REPO = Path(__file__).resolve().parents[1]  # holds tests/faults_mod.py, the faulty nodes' client mod
 FEDCOMPARE = str(Path(sys.executable).parent / "fedcompare")
 FLOWER_SUPERNODE = str(Path(sys.executable).parent / "flower-supernode")
 BUCKET = "fedcompare-faults"
@@ -126,16 +127,19 @@ def _extra_node(state: Path, name: str, partition: int, fault: str) -> list[subp
     """Start one more SuperNode, with a deliberate ``fault``, and its warm worker, each in its own process group.
 
     The node is what `fedcompare node start` runs (a SuperNode on fedcompare's PATH, a warm worker
-    beside it); the fault is applied in the node's ClientApp relay, to the worker's honest reply.
+    beside it) plus the test-only client mod `tests/faults_mod.py`, installed through node config
+    ``client-mods`` with this repository on the SuperNode's PYTHONPATH (Flower passes the SuperNode's
+    environment on to each ClientApp process). The mod applies the fault to the worker's honest reply.
     """
     settings = _settings(state)
     home = state / "flwr" / name
     home.mkdir(parents=True, exist_ok=True)
     socket = warm_worker_socket(home)
     node_config = (f'partition-id={partition} num-partitions={NODES} tier="cpu" fault="{fault}" '
-                   f'worker-socket="{socket}"')
+                   f'worker-socket="{socket}" client-mods="tests.faults_mod:fault_mod"')
     env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PATH": flower_path()}
     worker = _start_warm_worker(socket, env)  # logs to worker.log beside its socket
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))  # the node only
     with open(state / "logs" / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
         node = subprocess.Popen(
             [FLOWER_SUPERNODE, "--insecure", "--superlink", f"127.0.0.1:{settings['superlink_port']}",

@@ -198,11 +198,11 @@ def test_node_config_round_trips_through_flowers_parser(tmp_path):
 
     data = tmp_path / "site a" / "data\\v1.csv"
     config = node_config(data_path=data, data_format="csv", tier="gpu", device="cuda", label_column="y",
-                         privacy_ledger=tmp_path / "ledger.json", privacy_budget=8)
+                         privacy_ledger=tmp_path / "ledger.json", privacy_budget=8, client_mods="ops.log:mod,b:m")
 
     assert parse_config_args([config]) == {
         "data-path": str(data), "data-format": "csv", "tier": "gpu", "device": "cuda", "label-column": "y",
-        "privacy-ledger": str(tmp_path / "ledger.json"), "privacy-budget": 8.0,
+        "privacy-ledger": str(tmp_path / "ledger.json"), "privacy-budget": 8.0, "client-mods": "ops.log:mod,b:m",
     }
     with pytest.raises(FederationError, match="double quote"):
         node_config(data_path=tmp_path / 'a"b.csv', data_format="csv", tier="cpu", device="cpu")
@@ -307,7 +307,8 @@ def test_node_start_checks_the_data_and_prints_counts_only(deployment, tmp_path,
     code = cli_main.main(["node", "start", "--superlink", "coord.example:8000", "--data", str(data),
                                 "--device", "cpu", "--root-certificates", str(deployment / "ca.crt"),
                                 "--auth-key", str(deployment / "nodes" / "site_a.key"),
-                                "--state-dir", str(tmp_path / "state"), "--port", "1"])
+                                "--state-dir", str(tmp_path / "state"), "--port", "1",
+                                "--client-mods", "tests.test_client_mods:recording_mod"])
 
     out = capsys.readouterr().out
     socket = tmp_path / "state" / "node" / "worker.sock"
@@ -320,7 +321,20 @@ def test_node_start_checks_the_data_and_prints_counts_only(deployment, tmp_path,
     assert "0.5" not in out and "secret_feature" not in out
     config = started["command"][started["command"].index("--node-config") + 1]
     assert f'data-path="{data}"' in config and 'tier="cpu"' in config and 'label-column="label"' in config
+    assert 'client-mods="tests.test_client_mods:recording_mod"' in config
     assert started["env"]["FLWR_HOME"] == str(tmp_path / "state" / "flwr" / "node")
+
+
+def test_node_start_with_a_client_mod_that_does_not_import_prints_one_line_before_anything_starts(tmp_path, capsys):
+    data = _write_csv(tmp_path / "site_a.csv")
+
+    code = cli_main.main(["node", "start", "--superlink", "h:8000", "--data", str(data), "--device", "cpu",
+                          "--insecure", "--state-dir", str(tmp_path / "state"), "--client-mods", "ops_missing:mod"])
+
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("fedcompare: --client-mods entry 'ops_missing:mod': ModuleNotFoundError")
+    assert not (tmp_path / "state").exists(), "nothing started"
 
 
 def test_node_start_with_bad_data_prints_one_line(tmp_path, capsys):

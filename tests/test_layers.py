@@ -13,7 +13,7 @@ PACKAGES = ("cli", "flows", "server", "clients", "privacy", "infra")
 
 
 def _imported_packages(path: Path) -> set[str]:
-    """Return the project packages that the module at ``path`` imports anywhere in its body."""
+    """Return the project packages (and ``tests``) that the module at ``path`` imports anywhere in its body."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -22,7 +22,7 @@ def _imported_packages(path: Path) -> set[str]:
             names = [node.module]
         else:
             continue
-        found |= {name.split(".")[0] for name in names} & set(PACKAGES)
+        found |= {name.split(".")[0] for name in names} & {*PACKAGES, "tests"}
     return found
 
 
@@ -75,6 +75,14 @@ def test_infra_is_a_leaf_that_imports_no_other_project_package():
 def test_only_the_cli_imports_the_cli():
     importers = [str(path.relative_to(ROOT)) for package in PACKAGES if package != "cli"
                  for path in sorted((ROOT / package).rglob("*.py")) if "cli" in _imported_packages(path)]
+
+    assert importers == []
+
+
+def test_no_production_module_imports_the_tests():
+    # test-only hooks, such as the fault injector tests/faults_mod.py, reach a node as client mods the tests install
+    importers = [str(path.relative_to(ROOT)) for package in PACKAGES
+                 for path in sorted((ROOT / package).rglob("*.py")) if "tests" in _imported_packages(path)]
 
     assert importers == []
 

@@ -1,4 +1,4 @@
-"""Update checks the server runs before aggregating, and the test-only fault injector that breaks them."""
+"""Update checks the server runs before aggregating, and the fault injector (tests/faults_mod.py) that breaks them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients._faults import CRASH_EXIT_CODE, FAULTS, HUGE_FACTOR, apply_fault, node_fault
+from tests.faults_mod import CRASH_EXIT_CODE, FAULTS, HUGE_FACTOR, apply_fault, node_fault
 from server._updates import check_update, check_weight, update_norm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_no_fault_and_hang_leave_the_arrays_intact_and_hang_sleeps_first():
 
 
 def test_crash_ends_the_process_with_the_injected_exit_code():
-    code = ("import numpy as np; from clients._faults import apply_fault\n"
+    code = ("import numpy as np; from tests.faults_mod import apply_fault\n"
             "apply_fault('crash', {'w': np.zeros(2)}, {'w': np.zeros(2)}, hang_seconds=0)\n"
             "print('still running')")
 
@@ -163,8 +163,8 @@ def test_every_listed_fault_is_accepted_by_the_node_config_reader():
 # --- imports ------------------------------------------------------------------------------------
 
 
-def test_update_checks_and_faults_import_neither_flower_nor_prefect_nor_torch():
-    code = ("import sys, server._updates, clients._faults; "
+def test_update_checks_import_neither_flower_nor_prefect_nor_torch():
+    code = ("import sys, server._updates; "
             "print(sorted(m for m in ('prefect', 'flwr', 'torch', 'minio') if m in sys.modules))")
 
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
