@@ -178,6 +178,6 @@ def print_summary(report: dict[str, Any], console) -> None:
     for row in rows:
         table.add_column(str(row["arm"]), justify="right")
     for metric in list(rows[0])[1:]:
-        table.add_row(metric, *("—" if row[metric] is None else str(row[metric]) for row in rows))
+        table.add_row(metric, *(format_cell(row[metric]) for row in rows))  # no exponents: $0.000003, not 3e-06
     console.print(table)
     console.print(f"[bold]recommendation:[/] {report['recommendation']['text']}", soft_wrap=True)
