@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -91,12 +92,31 @@ def concatenate(parts: list[Dataset]) -> Dataset:
     first = parts[0]
     cells = None
     if any(p.cells is not None for p in parts):
-        cells = np.concatenate([p.cells if p.cells is not None else _as_cells(p.x) for p in parts])
+        cells = np.concatenate([p.cells if p.cells is not None else as_cells(p.x) for p in parts])
     groups = np.concatenate([p.groups for p in parts]) if all(p.groups is not None for p in parts) else None
     return Dataset(x=np.concatenate([p.x for p in parts]), y=np.concatenate([p.y for p in parts]),
                    num_classes=first.num_classes, name=first.name, columns=first.columns, cells=cells, groups=groups)
 
 
-def _as_cells(x: np.ndarray) -> np.ndarray:
-    """Return numeric features as text cells ("" for NaN), to join a table that has text cells."""
+def as_cells(x: np.ndarray) -> np.ndarray:
+    """Return numeric features (N, F) as text cells ("" for NaN), e.g. to join a table that has text cells."""
     return np.array([["" if not np.isfinite(v) else format(float(v), "g") for v in row] for row in x], dtype=str)
+
+
+def cell_number(cell: str) -> float:
+    """Return a raw table cell as a number; NaN for an empty cell or text."""
+    try:
+        return float(cell) if cell else math.nan
+    except ValueError:
+        return math.nan
+
+
+def is_text(cell: str) -> bool:
+    """Return whether a raw table cell holds text: not empty and not a number."""
+    if not cell:
+        return False
+    try:
+        float(cell)
+    except ValueError:
+        return True
+    return False

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clients._dataset import Dataset
+from clients._dataset import Dataset, as_cells, is_text
 
 SHIPPED_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer")
 FILE_SUFFIXES = (".csv", ".npz")
@@ -249,27 +249,16 @@ def _split_off_groups(ds: Dataset, column: str) -> Dataset:
                          f"{', '.join(ds.columns)}); set data.partition_by to one of them")
     at = ds.columns.index(column)
     keep = [j for j in range(len(ds.columns)) if j != at]
-    groups = ds.cells[:, at] if ds.cells is not None else np.array([format(float(v), "g") for v in ds.x[:, at]])
-    if (groups == "").any() or (ds.cells is None and np.isnan(ds.x[:, at]).any()):
-        row = int(np.flatnonzero((groups == "") | (groups == "nan"))[0])
+    groups = ds.cells[:, at] if ds.cells is not None else as_cells(ds.x[:, at:at + 1])[:, 0]
+    if (groups == "").any():
+        row = int(np.flatnonzero(groups == "")[0])
         raise ValueError(f"dataset {ds.name!r}: row {row + 2} has no value in the partition_by column {column!r}; "
                          "every row needs one")
     cells = ds.cells[:, keep] if ds.cells is not None else None
-    if cells is not None and not any(_is_text(c) for c in np.unique(cells)):
+    if cells is not None and not any(is_text(c) for c in np.unique(cells)):
         cells = None  # the text was all in the partition column
     return Dataset(x=np.ascontiguousarray(ds.x[:, keep]), y=ds.y, num_classes=ds.num_classes, name=ds.name,
                    columns=tuple(ds.columns[j] for j in keep), cells=cells, groups=np.asarray(groups, dtype=str))
-
-
-def _is_text(cell: str) -> bool:
-    """Return whether a non-empty cell is not a number."""
-    if not cell:
-        return False
-    try:
-        float(cell)
-    except ValueError:
-        return True
-    return False
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from clients._dataset import as_cells, cell_number, is_text
 from clients.data import Dataset
 
 SPEC_VERSION = 1
@@ -52,14 +53,7 @@ def column_kinds(ds: Dataset) -> list[str]:
 
 def _has_text(column: np.ndarray) -> bool:
     """Return whether a column of raw cells holds a non-empty cell that is not a number."""
-    for cell in np.unique(column):
-        if cell == "":
-            continue
-        try:
-            float(cell)
-        except ValueError:
-            return True
-    return False
+    return any(is_text(cell) for cell in np.unique(column))
 
 
 def local_stats(ds: Dataset) -> dict[str, Any]:
@@ -268,7 +262,7 @@ def apply_spec(spec: Mapping[str, Any], ds: Dataset) -> Dataset:
         if column["kind"] == "numeric":
             values = ds.x[:, j].astype(np.float64)
             if ds.cells is not None and _has_text(ds.cells[:, j]):
-                bad = next(c for c in ds.cells[:, j] if c != "" and not _is_number(c))
+                bad = next(c for c in ds.cells[:, j] if is_text(c))
                 raise PreprocessingError(
                     f"dataset {ds.name!r}: column {column['name']!r} is numeric in the spec but holds {bad!r}; "
                     "fix the cell, or make the column categorical on every node"
@@ -281,21 +275,9 @@ def apply_spec(spec: Mapping[str, Any], ds: Dataset) -> Dataset:
     return Dataset(x=x, y=ds.y, num_classes=ds.num_classes, name=ds.name, columns=tuple(feature_names(spec)))
 
 
-def _is_number(cell: str) -> bool:
-    """Return whether a raw cell parses as a number."""
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
 def _text_cells(ds: Dataset, j: int) -> np.ndarray:
     """Return column ``j`` as text cells ("" = missing), also for a table read without text cells."""
-    if ds.cells is not None:
-        return ds.cells[:, j]
-    values = ds.x[:, j]
-    return np.array(["" if not np.isfinite(v) else format(float(v), "g") for v in values])
+    return ds.cells[:, j] if ds.cells is not None else as_cells(ds.x[:, j:j + 1])[:, 0]
 
 
 def _one_hot(cells: np.ndarray, column: Mapping[str, Any]) -> np.ndarray:
@@ -373,15 +355,8 @@ def encode_rows(spec: Mapping[str, Any], rows: Sequence[Any]) -> np.ndarray:
                 raise PreprocessingError(f"row {i} column {name!r} is {value}, expected a finite number or null")
             cells[i, j] = str(value).strip()
     text = cells.astype(str)
-    numbers = np.array([[_number(c) for c in line] for line in text], dtype=np.float32).reshape(text.shape)
+    numbers = np.array([[cell_number(c) for c in line] for line in text], dtype=np.float32).reshape(text.shape)
     table = Dataset(x=numbers, y=np.zeros(len(rows), dtype=np.int64), num_classes=1, name="request",
                     columns=tuple(names), cells=text)
     return apply_spec(spec, table).x
 
-
-def _number(cell: str) -> float:
-    """Return a raw cell as a number (NaN: empty or text)."""
-    try:
-        return float(cell) if cell else math.nan
-    except ValueError:
-        return math.nan
