@@ -61,9 +61,13 @@ def check_data(
 
 
 def check_fit_args(
-    model_name: str, *, epochs: int, batch_size: int, learning_rate: float, optimizer: str = "adam"
+    model_name: str, *, epochs: int, batch_size: int, learning_rate: float, optimizer: str = "adam",
+    weight_decay: float | None = None,
 ) -> None:
-    """Raise ValueError for a non-positive number of epochs, batch size or learning rate, or an unknown optimizer."""
+    """Raise ValueError for a non-positive number of epochs, batch size or learning rate, an unknown optimizer,
+    or a negative weight decay."""
+    if weight_decay is not None and not 0 <= weight_decay <= 1:
+        raise ValueError(f"model {model_name!r}: weight_decay must be in [0, 1], got {weight_decay}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"model {model_name!r}: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if epochs < 1 or batch_size < 1 or not learning_rate > 0:

@@ -55,22 +55,25 @@ class SgdLogisticRegression:
 
     def fit(
         self, train: Dataset, *, epochs: int, batch_size: int, learning_rate: float, seed: int,
-        optimizer: str = "adam",
+        optimizer: str = "adam", weight_decay: float | None = None,
     ) -> dict[str, float]:
         """Run ``epochs`` seeded-shuffled SGD passes from the current arrays.
 
         ``batch_size`` is checked but unused: SGDClassifier updates after every example.
+        ``weight_decay`` is SGDClassifier's alpha (``alpha * w`` added to every gradient, as torch's
+        weight_decay); None: the model's ``l2`` (scikit-learn's default, 1e-4).
         """
         from sklearn.linear_model import SGDClassifier
 
-        check_fit_args(self.name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer)
+        check_fit_args(self.name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
+                       weight_decay=weight_decay)
         check_data(self.name, train, input_shape=self.input_shape, num_classes=self.num_classes, purpose="fit")
         wall, cpu = time.perf_counter(), time.process_time()
         x = _flat(train.x)
         estimator = SGDClassifier(
             loss="log_loss",
             penalty="l2",
-            alpha=self.l2,
+            alpha=self.l2 if weight_decay is None else weight_decay,
             learning_rate="constant",
             eta0=learning_rate,
             shuffle=False,  # we shuffle per epoch: sklearn would reuse one order for every call

@@ -231,11 +231,15 @@ def make_loader(data: Dataset, *, batch_size: int, seed: int | None, device: str
 SGD_MOMENTUM = 0.9
 
 
-def make_optimizer(module: nn.Module, *, learning_rate: float, name: str = "adam") -> torch.optim.Optimizer:
-    """Return a fresh optimizer for ``module``: Adam, or SGD with momentum ``SGD_MOMENTUM``."""
+def make_optimizer(module: nn.Module, *, learning_rate: float, name: str = "adam",
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Return a fresh optimizer for ``module``: Adam, or SGD with momentum ``SGD_MOMENTUM``.
+
+    ``weight_decay`` is torch's: ``weight_decay * w`` added to every gradient (an L2 penalty of half that).
+    """
     if name == "sgd":
-        return torch.optim.SGD(module.parameters(), lr=learning_rate, momentum=SGD_MOMENTUM)
-    return torch.optim.Adam(module.parameters(), lr=learning_rate)
+        return torch.optim.SGD(module.parameters(), lr=learning_rate, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
+    return torch.optim.Adam(module.parameters(), lr=learning_rate, weight_decay=weight_decay)
 
 
 def train_epochs(
@@ -318,17 +322,21 @@ class TorchModel:
         learning_rate: float,
         seed: int,
         optimizer: str = "adam",
+        weight_decay: float | None = None,
         wrap: TrainingWrapper | None = None,
     ) -> dict[str, float]:
-        """Train with ``optimizer``; ``wrap`` may replace (module, optimizer, loader) and the loss, e.g. for DP-SGD."""
+        """Train with ``optimizer``; ``wrap`` may replace (module, optimizer, loader) and the loss, e.g. for DP-SGD.
+
+        ``weight_decay`` None: 0 (no decay).
+        """
         check_fit_args(self.name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                       optimizer=optimizer)
+                       optimizer=optimizer, weight_decay=weight_decay)
         check_data(self.name, train, input_shape=self.input_shape, num_classes=self.num_classes, purpose="fit")
         wall, cpu = time.perf_counter(), time.process_time()
         self.precision = training_precision(self.device, private=wrap is not None)
         with seeded(seed, self.device), cuda_numerics(self.device, self.precision):
             module: nn.Module = self.network
-            step = make_optimizer(module, learning_rate=learning_rate, name=optimizer)
+            step = make_optimizer(module, learning_rate=learning_rate, name=optimizer, weight_decay=weight_decay or 0.0)
             loader = make_loader(train, batch_size=batch_size, seed=seed, device=self.device)
             criterion = F.cross_entropy
             if wrap is not None:

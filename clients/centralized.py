@@ -19,6 +19,7 @@ def train_centralized(
     learning_rate: float,
     seed: int,
     optimizer: str = "adam",
+    weight_decay: float | None = None,
     data_kwargs: dict[str, Any],
     dp: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def train_centralized(
                                  who="the pooled reference data", **dp)
         wrap = dp_sgd(plan)
     fit = model.fit(train, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                    optimizer=optimizer,
+                    optimizer=optimizer, weight_decay=weight_decay,
                     **({"wrap": wrap} if wrap else {}))
     metrics = model.evaluate(test, batch_size=max(batch_size, 256))
     return {

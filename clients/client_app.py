@@ -74,7 +74,7 @@ def _answer(kind: str, msg: Message, context: Context, **task: Any) -> tuple[dic
                "message_id": msg.metadata.message_id, "created_at": msg.metadata.created_at, **task}
     socket = NodeConfig.of(context).worker_socket
     if socket:
-        timeout = float(context.run_config.get("round-timeout", 600.0))
+        timeout = float(context.run_config.get("round-timeout-s", 600.0))  # the run spec's, unparsed: no pydantic here
         try:
             result, restarts = _warm.ask(socket, request, app_dir=_APP_DIR, timeout=timeout)
             return result["values"], result["arrays"], {"worker-warm": 1.0, "worker-restarts": float(restarts)}

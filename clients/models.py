@@ -22,6 +22,7 @@ SMALL_MODELS = ("logreg", "torch-logreg", "gnb")
 SKLEARN_MODELS = ("logreg", "gnb")  # numpy/scikit-learn models: CPU only, no DP-SGD
 MODEL_NAMES = LARGE_MODELS + SMALL_MODELS
 TORCH_MODELS = ("cnn", "cnn-dp", "mlp", "torch-logreg")
+STATISTICS_MODELS = ("gnb",)  # parameters are class statistics, not weights: no learning rate or weight decay
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -42,12 +43,13 @@ class Model(Protocol):
 
     def fit(
         self, train: Dataset, *, epochs: int, batch_size: int, learning_rate: float, seed: int,
-        optimizer: str = "adam",
+        optimizer: str = "adam", weight_decay: float | None = None,
     ) -> dict[str, float]:
         """Train in place; return train_loss, train_seconds, train_cpu_seconds, num_examples.
 
         ``optimizer`` (one of OPTIMIZERS) applies to the torch models; the scikit-learn
-        logistic regression always runs its own SGD.
+        logistic regression always runs its own SGD. ``weight_decay``: the L2 penalty added to
+        every gradient (None: the model's default; a model without weights refuses a positive one).
         """
         ...
 
@@ -62,6 +64,11 @@ class Model(Protocol):
     def num_parameters(self) -> int:
         """Return the number of trainable scalars."""
         ...
+
+
+def has_weights(name: str) -> bool:
+    """Return whether zoo model ``name`` trains weights (a weight decay applies to it)."""
+    return name not in STATISTICS_MODELS
 
 
 def build_model(

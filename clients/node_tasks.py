@@ -27,7 +27,7 @@ from clients.data import Dataset, load_dataset, node_data, split_local
 from clients.models import Model, build_model
 from clients.node_data import check_compatible, load_node_data, summarize
 from clients.preprocess import local_stats, prepare, spec_digest
-from clients.run_config import ArmRunConfig
+from clients.spec import RunSpec
 
 KINDS = ("query", "train", "evaluate")
 _SPLIT_CACHE_SIZE = 4  # (dataset, node data, split settings) combinations a warm worker keeps
@@ -132,7 +132,7 @@ def _file_version(data_path: str) -> tuple[str, int, int]:
 _splits: OrderedDict[tuple, tuple[Dataset, Dataset]] = OrderedDict()
 
 
-def local_splits(node_config: Mapping[str, object], run: ArmRunConfig, *,
+def local_splits(node_config: Mapping[str, object], run: RunSpec, *,
                  facts: NodeFacts | None = None, raw: bool = False) -> tuple[Dataset, Dataset]:
     """Return this node's (local train, local test): a split of its own data file, or of its partition.
 
@@ -142,12 +142,11 @@ def local_splits(node_config: Mapping[str, object], run: ArmRunConfig, *,
     size and modification time), so a changed file is read again.
     """
     facts = facts or node_facts(node_config)
-    paths = [run.dataset] if Path(run.dataset).suffix or Path(run.dataset).is_dir() else []
+    dataset = run.data.dataset
+    paths = [dataset] if Path(dataset).suffix or Path(dataset).is_dir() else []
     paths += [facts.data_path] if facts.data_path else []
     files = tuple(_file_version(path) for path in paths)
-    key = (facts, run.dataset, run.label_column, run.image_size, run.partition_by,
-           tuple(sorted(run.data_kwargs().items())), files,
-           "" if raw else run.preprocessing)
+    key = (facts, run.data, run.seed, files, "" if raw else run.preprocessing)
     if key in _splits:
         _splits.move_to_end(key)
         return _splits[key]
@@ -161,16 +160,17 @@ def local_splits(node_config: Mapping[str, object], run: ArmRunConfig, *,
     return splits
 
 
-def _load_splits(facts: NodeFacts, run: ArmRunConfig) -> tuple[Dataset, Dataset]:
+def _load_splits(facts: NodeFacts, run: RunSpec) -> tuple[Dataset, Dataset]:
     """Load and split this node's data (no cache)."""
+    data = run.data
     try:
-        dataset = load_dataset(run.dataset, label_column=run.label_column, image_size=run.image_shape,
-                               partition_by="" if facts.data_path else run.partition_by)
+        dataset = load_dataset(data.dataset, label_column=data.label_column, image_size=data.image_size,
+                               partition_by="" if facts.data_path else data.partition_by)
     except ValueError as err:
         if not facts.data_path:
             raise
         raise ValueError(
-            f"node with its own data {facts.data_path!r} needs the run's dataset {run.dataset!r} for its input "
+            f"node with its own data {facts.data_path!r} needs the run's dataset {data.dataset!r} for its input "
             f"shape and number of classes, and cannot load it: {err}"
         ) from None
     if not facts.data_path:
@@ -182,7 +182,7 @@ def _load_splits(facts: NodeFacts, run: ArmRunConfig) -> tuple[Dataset, Dataset]
     check_compatible(summarize(own, path=facts.data_path, data_format=facts.data_format),
                      input_shape=dataset.input_shape, num_classes=dataset.num_classes)
     own = dataclasses.replace(own, num_classes=dataset.num_classes)  # the model predicts all the run's classes
-    return split_local(own, local_test_fraction=run.local_test_fraction, seed=run.seed)
+    return split_local(own, local_test_fraction=data.local_test_fraction, seed=run.seed)
 
 
 def handle(task: Task) -> Result:
@@ -199,7 +199,7 @@ def handle(task: Task) -> Result:
 
 def query(task: Task, facts: NodeFacts) -> Result:
     """Tell the server what this node is: tier, device, data, number of examples and memory (counts only)."""
-    run = ArmRunConfig.from_run_config(task.run_config)
+    run = RunSpec.from_run_config(task.run_config)
     train_set, test_set = local_splits(task.node_config, run, facts=facts, raw=True)
     device = _detect_device(facts.tier) if facts.device == "auto" else facts.device
     statistics = {}
@@ -257,10 +257,10 @@ def _detect_device(tier: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _model(run: ArmRunConfig, facts: NodeFacts, train_set: Dataset, arrays: Mapping[str, np.ndarray]) -> Model:
+def _model(run: RunSpec, facts: NodeFacts, train_set: Dataset, arrays: Mapping[str, np.ndarray]) -> Model:
     """Build the run's model on this node's device and load the global arrays."""
-    model = build_model(run.model, input_shape=train_set.input_shape, num_classes=train_set.num_classes,
-                        seed=run.seed, device=facts.device, private=run.privacy_mode == "sample-level")
+    model = build_model(run.training.model, input_shape=train_set.input_shape, num_classes=train_set.num_classes,
+                        seed=run.seed, device=facts.device, private=run.private)
     model.set_arrays(OrderedDict(arrays))
     return model
 
@@ -268,29 +268,28 @@ def _model(run: ArmRunConfig, facts: NodeFacts, train_set: Dataset, arrays: Mapp
 def train(task: Task, facts: NodeFacts) -> Result:
     """Train the received global model on the node's local training split."""
     meter = EnergyMeter(device=facts.device)  # first: codecarbon detects the hardware while the data loads
-    run = ArmRunConfig.from_run_config(task.run_config)
+    run = RunSpec.from_run_config(task.run_config)
     train_set, _ = local_splits(task.node_config, run, facts=facts)
-    server_round = int(task.config["server-round"])
-    epochs, batch_size = int(task.config["local-epochs"]), int(task.config["batch-size"])
+    server_round = int(task.config["server-round"])  # the only per-round value; the rest is the run spec
+    training = run.training
     private, wrap = {}, {}
-    if run.privacy_mode == "sample-level":
-        private, wrap = _charge_dp_sgd(run, facts, server_round, len(train_set.y), epochs, batch_size,
-                                       message_id=task.message_id)
-    elif run.privacy_mode == "client-level":
+    if run.privacy.mode == "sample-level":
+        private, wrap = _charge_dp_sgd(run, facts, server_round, len(train_set.y), message_id=task.message_id)
+    elif run.privacy.mode == "client-level":
         private = {"dp-unit-weight": 1.0}  # client-level DP averages the clipped updates with equal weights
     model = _model(run, facts, train_set, task.arrays)
     with meter.measure(on_gpu=model.device.startswith("cuda")) as energy:
-        metrics = model.fit(train_set, epochs=epochs, batch_size=batch_size,
-                            learning_rate=float(task.config["learning-rate"]), optimizer=run.optimizer,
-                            seed=run.seed + server_round, **wrap)
+        metrics = model.fit(train_set, epochs=training.local_epochs, batch_size=training.batch_size,
+                            learning_rate=training.learning_rate, optimizer=training.optimizer,
+                            weight_decay=training.weight_decay, seed=run.seed + server_round, **wrap)
     applied = {"preprocessing-digest": float(spec_digest(run.preprocessing_spec))} if run.preprocessing_spec else {}
     values = {"num-examples": len(train_set.y), **_floats(metrics, "num_examples", *_withheld(run)),
               **_resources(model.device), **energy.metrics("train"), **private, **applied}
     return Result(values, arrays=model.get_arrays())
 
 
-def _charge_dp_sgd(run: ArmRunConfig, facts: NodeFacts, server_round: int, num_examples: int, epochs: int,
-                   batch_size: int, *, message_id: str) -> tuple[dict[str, float], dict]:
+def _charge_dp_sgd(run: RunSpec, facts: NodeFacts, server_round: int, num_examples: int, *,
+                   message_id: str) -> tuple[dict[str, float], dict]:
     """Plan this node's DP-SGD, charge the round to its privacy ledger; return reply metrics and the fit wrapper.
 
     Raises BudgetExceeded (the node sits the round out: Flower sends the server an error
@@ -300,9 +299,9 @@ def _charge_dp_sgd(run: ArmRunConfig, facts: NodeFacts, server_round: int, num_e
     from privacy.ledger import PrivacyLedger
     from privacy.sample_level import DEFAULT_GRAD_SAMPLE_MODE, dp_sgd
 
-    plan = plan_sample_level(num_examples=num_examples, batch_size=batch_size, local_epochs=epochs,
-                             rounds=run.num_rounds, max_grad_norm=run.max_grad_norm,
-                             who=facts.who, **run.privacy_kwargs())
+    plan = plan_sample_level(num_examples=num_examples, batch_size=run.training.batch_size,
+                             local_epochs=run.training.local_epochs, rounds=run.rounds,
+                             max_grad_norm=run.privacy.max_grad_norm, who=facts.who, **run.privacy.accounting_kwargs())
     # one ledger per data; keyed by the file's path alone, so that appending rows to it does not reset its spend
     path_digest = hashlib.sha256(str(Path(facts.data_path).expanduser().resolve()).encode()).hexdigest()[:16]
     ledger_name = f"file-{path_digest}" if facts.data_path else f"partition-{facts.partition_id}"
@@ -320,20 +319,20 @@ def _charge_dp_sgd(run: ArmRunConfig, facts: NodeFacts, server_round: int, num_e
 def evaluate(task: Task, facts: NodeFacts) -> Result:
     """Evaluate the received global model on the node's local test split."""
     meter = EnergyMeter(device=facts.device)  # first: codecarbon detects the hardware while the data loads
-    run = ArmRunConfig.from_run_config(task.run_config)
+    run = RunSpec.from_run_config(task.run_config)
     train_set, test_set = local_splits(task.node_config, run, facts=facts)
     model = _model(run, facts, train_set, task.arrays)
     with meter.measure(on_gpu=model.device.startswith("cuda")) as energy:
         wall, cpu = time.perf_counter(), time.process_time()
-        metrics = model.evaluate(test_set, batch_size=run.batch_size)
+        metrics = model.evaluate(test_set, batch_size=run.training.batch_size)
         timing = {"evaluate-seconds": time.perf_counter() - wall, "evaluate-cpu-seconds": time.process_time() - cpu}
     return Result({"num-examples": len(test_set.y), **_floats(metrics, "num_examples"), **timing,
                    **_resources(model.device), **energy.metrics("evaluate")})
 
 
-def _withheld(run: ArmRunConfig) -> tuple[str, ...]:
+def _withheld(run: RunSpec) -> tuple[str, ...]:
     """Return the training metrics a private run does not send: the DP guarantee covers the model only."""
-    return ("train_loss",) if run.privacy_mode != "none" else ()
+    return ("train_loss",) if run.privacy.mode != "none" else ()
 
 
 def _resources(device: str) -> dict[str, float]:

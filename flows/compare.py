@@ -22,10 +22,10 @@ from prefect.runtime import flow_run
 from clients.centralized import train_centralized
 from clients.data import Dataset, load_dataset
 from clients.preprocess import PreprocessingError, build_spec, describe, prepare
-from clients.run_config import FEDERATED, longest_round_s
+from clients.spec import RunSpec, longest_round_s
 from clients.models import TORCH_MODELS, estimate_training_memory_bytes, resolve_large_model
 from flows.assignment import assign_nodes, node_table
-from flows.config import BUILTIN_DATASETS, CompareConfig, resolve_store_uri, resolve_superlink
+from flows.config import CompareConfig, resolve_store_uri, resolve_superlink
 from flows.deployment import calibration_source, deploy_arm, deployment_data, price_deployment
 from flows.flower import FlowerError, run_log, run_status, source_run_config, stop_run, submit_run
 from flows.plots import data_uri, report_plots
@@ -64,57 +64,14 @@ def plan_variants(config: CompareConfig) -> list[list[Variant]]:
     return groups
 
 
-def _run_config(config: CompareConfig, *, mode: str, arm: str, model: str, run_key: str,
-                store_uri: str, nodes: list[int], kind: str | None = None,
-                epsilon: float | None = None, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Translate the comparison config into the Flower run config of one arm (or the query).
-
-    ``preprocessing``: the spec the arm's nodes apply (None: features as loaded); the node
-    query asks for the nodes' statistics instead when the config's preprocessing is federated.
-    """
-    data = config.data
-    dataset = data.dataset if data.dataset in BUILTIN_DATASETS else str(Path(data.dataset).resolve())
-    arm_config = getattr(config, kind or arm)
-    privacy = config.privacy
-    return {
-        "mode": mode, "store-uri": store_uri, "run-key": run_key, **source_run_config(), "arm": arm,
-        "nodes": ",".join(str(n) for n in nodes), "model": model,
-        "dataset": dataset, "label-column": data.label_column, "partitioning": data.partitioning,
-        "partition-by": data.partition_by,
-        "dirichlet-alpha": data.dirichlet_alpha, "classes-per-node": data.classes_per_node,
-        "central-test-fraction": data.central_test_fraction, "local-test-fraction": data.local_test_fraction,
-        "num-rounds": config.rounds, "local-epochs": arm_config.local_epochs,
-        "batch-size": arm_config.batch_size, "learning-rate": arm_config.learning_rate_at(epsilon),
-        "optimizer": arm_config.optimizer_at(epsilon), "seed": config.seed,
-        # the node query is not an arm: it waits as long as the most patient arm
-        "round-timeout": query_timeout_s(config) if mode == "query" else arm_config.round_timeout_s,
-        "aggregation": arm_config.aggregation, "min-replies": arm_config.min_replies,
-        "max-update-norm": float(arm_config.max_update_norm or 0.0),  # 0: no bound
-        "keep-last-rounds": config.keep_last_rounds,
-        "node-evaluation": config.node_evaluation,
-        "privacy-mode": privacy.mode if epsilon is not None else "none",
-        "target-epsilon": float(epsilon or privacy.target_epsilon), "delta": privacy.delta,
-        "max-grad-norm": privacy.max_grad_norm, "accountant": privacy.accountant,
-        "noise-multiplier": float(privacy.noise_multiplier or 0.0),
-        "preprocessing": (FEDERATED if _preprocessing_mode(config) == "federated" else "") if mode == "query"
-        else json.dumps(preprocessing, separators=(",", ":")) if preprocessing else "",
-        "image-size": "x".join(str(side) for side in data.image_size) if data.image_size else "",
-    }
-
-
-def query_timeout_s(config: CompareConfig) -> float:
-    """Return how long the node query waits for answers: the longest round timeout of the arms."""
-    return max(getattr(config, kind).round_timeout_s for kind in ARMS)
+def _run_config(spec: RunSpec) -> dict[str, Any]:
+    """Return the Flower run config of ``spec``, with the git commit of the checkout the app is submitted from."""
+    return {**spec.to_run_config(), **source_run_config()}
 
 
 def _data_kwargs(config: CompareConfig) -> dict[str, Any]:
     """Return the partitioning arguments that `clients.data` takes for this config."""
-    data = config.data
-    return {
-        "scheme": data.partitioning, "seed": config.seed, "alpha": data.dirichlet_alpha,
-        "classes_per_node": data.classes_per_node, "central_test_fraction": data.central_test_fraction,
-        "local_test_fraction": data.local_test_fraction,
-    }
+    return config.data.partition_kwargs(config.seed)
 
 
 def _wait_for(run_id: int, superlink: str, timeout_s: float, *, on_poll=None, looks_done=None):
@@ -183,11 +140,11 @@ def _model(models: dict[str, str], kind: str, epsilon: float | None) -> str:
 def discover_nodes(config: CompareConfig, run_key: str, store_uri: str, superlink: str) -> dict[str, Any]:
     """Ask every node of the federation for its tier, device and number of examples."""
     logger = get_run_logger()
-    run_config = _run_config(config, mode="query", arm="large", model=config.small.model,
-                             run_key=run_key, store_uri=store_uri, nodes=[])
-    run_id = submit_run(run_config, superlink)
+    spec = config.query_spec(run_key=run_key, store_uri=store_uri,
+                             federated_statistics=_preprocessing_mode(config) == "federated")
+    run_id = submit_run(_run_config(spec), superlink)
     store = open_store(store_uri)
-    status = _wait_for(run_id, superlink, query_timeout_s(config) + 120,
+    status = _wait_for(run_id, superlink, spec.training.round_timeout_s + 120,
                        looks_done=lambda: _exists(store, federation_key(run_key)))
     if not status.completed:
         raise _failed("the node query", run_id, status.status, superlink)
@@ -302,11 +259,10 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
         progress=100.0 * seen / config.rounds, key=f"progress-{arm}",
         description=f"{arm} arm ({model}): rounds completed",
     )
-    run_config = _run_config(config, mode="train", arm=arm, model=model, run_key=run_key,
-                             store_uri=store_uri, nodes=nodes, kind=kind, epsilon=epsilon,
-                             preprocessing=preprocessing)
+    spec = config.run_spec(kind or arm, arm=arm, model=model, run_key=run_key, store_uri=store_uri, nodes=nodes,
+                           epsilon=epsilon, preprocessing=preprocessing)
     started = time.monotonic()
-    run_id = submit_run(run_config, superlink)
+    run_id = submit_run(_run_config(spec), superlink)
     logger.info("%s arm: Flower run %s submitted (%s on nodes %s%s)", arm, run_id, model, nodes,
                 f", resuming after round {seen}" if seen else "")
 
@@ -381,7 +337,7 @@ def train_reference(arm: str, model: str, partition_ids: list[int], num_partitio
         dataset, model_name=model, partition_ids=tuple(partition_ids), num_partitions=num_partitions,
         epochs=config.rounds * arm_config.local_epochs, batch_size=arm_config.batch_size,
         learning_rate=arm_config.learning_rate_at(epsilon), optimizer=arm_config.optimizer_at(epsilon),
-        seed=config.seed,
+        weight_decay=arm_config.weight_decay, seed=config.seed,
         data_kwargs=_data_kwargs(config), dp=dp,
     )
     get_run_logger().info("%s central reference%s: accuracy %.4f after %d epochs on %d examples", arm,

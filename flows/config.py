@@ -8,11 +8,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from clients import models as zoo
 from clients.preprocess import PreprocessingError, check_spec
-from clients.run_config import aggregation_conflict, privacy_conflict
+from clients.spec import (
+    FEDERATED, ArmSpec, CommonSpec, DataSpec, PrivacySpec, RunSpec, Spec, aggregation_conflict, describe_errors,
+    privacy_conflict,
+)
 from flows.decision import CostModel
 from infra.state import state_dir
 
@@ -22,38 +25,9 @@ DEFAULT_SUPERLINK = "127.0.0.1:8000"
 _ADDRESS = re.compile(r"^[A-Za-z0-9.\-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
 
 
-class _Strict(BaseModel):
-    """Base of every config model: unknown keys fail loudly, values are re-validated."""
+class DataConfig(DataSpec):
+    """What data the nodes train on, how it is split between them, and how tables become features."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
-
-
-class DataConfig(_Strict):
-    """What data the nodes train on and how it is split between them."""
-
-    # mnist (5,000 real MNIST images), fashion-mnist (70,000 images; Debian's dataset-fashion-mnist),
-    # digits, breast-cancer, a path to a .csv/.npz file, or an image folder (one subfolder per class)
-    dataset: str = "mnist"
-    # name of the label column when `dataset` is a CSV file
-    label_column: str = "label"
-    # how the pool is split over nodes: iid, dirichlet (label skew by alpha), pathological, or by-column
-    # (a natural partition: the rows of one partition_by value stay on one node)
-    partitioning: Literal["iid", "dirichlet", "pathological", "by-column"] = "dirichlet"
-    # a CSV column whose values say which node a row belongs to (a site, a hospital, a movie): one node per
-    # value, or the values grouped onto the nodes by size; the column is not a feature. Needs
-    # partitioning "by-column"
-    partition_by: str = ""
-    # Dirichlet concentration: small values give strongly skewed label mixes per node
-    dirichlet_alpha: float = Field(0.5, gt=0.0, le=1000.0)
-    # classes each node holds under pathological partitioning
-    classes_per_node: int = Field(2, ge=1)
-    # share of the dataset held out as the central test set (reference evaluation only)
-    central_test_fraction: float = Field(0.2, gt=0.0, lt=0.9)
-    # share of each node's partition kept as that node's local test split
-    local_test_fraction: float = Field(0.15, gt=0.0, lt=0.9)
-    # [height, width] every image of an image folder is resized to (empty: the first image's size); colour
-    # images keep their three channels
-    image_size: tuple[int, int] | None = None
     # how a table becomes features: "federated" standardizes numbers, one-hot encodes text (categorical)
     # columns and fills empty cells, with statistics the nodes compute on their training splits and the
     # server adds up (clients/preprocess.py); "none" uses the features as loaded (text or empty cells are
@@ -70,21 +44,13 @@ class DataConfig(_Strict):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        """Accept a built-in dataset name or a path to a CSV/NPZ file."""
+        """Accept a built-in dataset name, a path to a CSV/NPZ file or an image folder that exists here."""
         if value in BUILTIN_DATASETS or value.lower().endswith(DATA_SUFFIXES) or Path(value).is_dir():
             return value
         raise ValueError(
             f"expected one of {', '.join(BUILTIN_DATASETS)}, a path ending in .csv or .npz, or an image "
             f"folder (one subfolder per class) that exists here, got {value!r}"
         )
-
-    @field_validator("image_size")
-    @classmethod
-    def _image_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
-        """Accept no size or (height, width) of 4 to 4096 pixels each."""
-        if value is not None and not all(4 <= side <= 4096 for side in value):
-            raise ValueError(f"expected [height, width] of 4 to 4096 pixels each, got {list(value)}")
-        return value
 
     @field_validator("preprocessing")
     @classmethod
@@ -98,11 +64,8 @@ class DataConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _partition_column(self) -> DataConfig:
-        """Check that by-column partitioning and its column come together, on a CSV."""
-        if (self.partitioning == "by-column") != bool(self.partition_by):
-            raise ValueError("partitioning 'by-column' and partition_by go together: set partitioning to "
-                             "'by-column' and partition_by to a column name, or neither")
+    def _partition_column_of_a_csv(self) -> DataConfig:
+        """Check that a partition_by column belongs to a CSV file."""
         if self.partition_by and not self.dataset.lower().endswith(".csv"):
             raise ValueError(f"partition_by names a column of a CSV file, but the dataset is {self.dataset!r}")
         return self
@@ -117,47 +80,21 @@ class DataConfig(_Strict):
         return self.preprocessing
 
 
-class ArmConfig(_Strict):
-    """How one arm (the large or the small model) trains."""
+class ArmConfig(ArmSpec):
+    """How one arm (the large or the small model) trains: the run spec's arm settings and its private runs' own."""
 
-    # model from the zoo: large = auto | cnn | cnn-dp | mlp; small = logreg | torch-logreg | gnb (Gaussian
-    # naive Bayes, federated exactly by its sufficient statistics)
-    model: str = "auto"
     # model of this arm's private runs and their central DP references (empty: model). DP-SGD adds
     # noise of the same size to every parameter, so a compact network (cnn-dp: 26k parameters, tanh)
     # often learns far more under DP than the arm's large one (cnn: 1.3M parameters)
     dp_model: str | None = None
-    # local passes over each node's training split per round
-    local_epochs: int = Field(1, ge=1, le=100)
-    # examples per local training step
-    batch_size: int = Field(32, ge=1, le=65536)
-    # step size of the node's optimizer
-    learning_rate: float = Field(1e-3, gt=0.0, le=10.0)
     # step size of this arm's private runs at each ε, e.g. {1: 0.02, 3: 0.05} (an ε not listed: learning_rate);
     # DP-SGD's noise grows as ε shrinks, and a step that suits ε=8 can drown a model in noise at ε=1.
     # The central DP reference at that ε uses the same step, so the comparison stays like for like
     learning_rate_by_epsilon: dict[float, float] = Field(default_factory=dict, max_length=8)
-    # optimizer of the torch models: adam, or sgd (momentum 0.9; the usual choice under DP-SGD);
-    # the scikit-learn logreg always runs its own SGD
-    optimizer: Literal["adam", "sgd"] = "adam"
     # optimizer of this arm's private runs and their central DP references (empty: optimizer);
     # under DP-SGD each node's Adam step follows the noise at full size, so sgd is the usual choice,
     # while the same arm without DP may train best with adam
     dp_optimizer: Literal["adam", "sgd"] | None = None
-    # how the server combines the nodes' updates: fedavg (mean weighted by examples), or a rule robust to
-    # bad nodes: fedmedian (coordinate-wise median), trimmed-mean (cuts 20% of each tail per coordinate;
-    # nothing with fewer than 5 nodes) or krum (the one update closest to the others); privacy.mode
-    # client-level needs fedavg (its noise and ε are calibrated to the mean)
-    aggregation: Literal["fedavg", "fedmedian", "trimmed-mean", "krum"] = "fedavg"
-    # valid training replies a round needs (at most the arm's nodes; the server checks); with fewer the
-    # round is tried once more, then the arm fails
-    min_replies: int = Field(1, ge=1)
-    # largest L2 norm of a node's update (its model minus the global model) the server accepts (empty: no
-    # bound); replies with wrong array names, shapes or dtypes, or NaN/Inf, are rejected regardless
-    max_update_norm: float | None = Field(None, gt=0.0, allow_inf_nan=False)
-    # seconds one try of a round waits for the arm's nodes to connect and reply (evaluation as long);
-    # a node that misses it is left out of the round
-    round_timeout_s: float = Field(600.0, gt=0.0, le=86400.0)
 
     @field_validator("learning_rate_by_epsilon")
     @classmethod
@@ -180,26 +117,18 @@ class ArmConfig(_Strict):
         """Return the step size of this arm's run private at ``epsilon`` (None: without DP)."""
         return self.learning_rate if epsilon is None else self.learning_rate_by_epsilon.get(epsilon, self.learning_rate)
 
+    def resolved(self, model: str, epsilon: float | None) -> ArmSpec:
+        """Return the run spec's arm settings of this arm's run private at ``epsilon``, its model resolved."""
+        own = {name: getattr(self, name) for name in ArmSpec.model_fields}
+        return ArmSpec(**{**own, "model": model, "learning_rate": self.learning_rate_at(epsilon),
+                          "optimizer": self.optimizer_at(epsilon)})
 
-class PrivacyConfig(_Strict):
-    """Differential privacy for the arms: none, DP-SGD on every node, or noise on the aggregate."""
 
-    # none; sample-level: DP-SGD with Opacus inside each node's training (PyTorch models);
-    # client-level: the server clips each node's update and adds Gaussian noise to their mean (any model)
-    mode: Literal["none", "sample-level", "client-level"] = "none"
-    # ε each node (sample-level) or the arm (client-level) may spend over all rounds, at `delta`
-    target_epsilon: float = Field(8.0, gt=0.0, le=100.0)
+class PrivacyConfig(PrivacySpec):
+    """Differential privacy for the arms: none, DP-SGD on every node, or noise on the aggregate; and which runs."""
+
     # run the private arms once per ε in this list, a privacy-accuracy sweep (empty: only target_epsilon)
     epsilon_sweep: list[float] = Field(default_factory=list, max_length=8)
-    # δ of the (ε, δ) guarantee; must stay below 1/examples of every node (1/nodes for client-level)
-    delta: float = Field(1e-5, gt=0.0, lt=0.1)
-    # clipping norm: of each example's gradient (sample-level) or each node's update (client-level)
-    max_grad_norm: float = Field(1.0, gt=0.0, le=1e4)
-    # Opacus accountant that calibrates the noise and reports ε: rdp or prv
-    accountant: Literal["rdp", "prv"] = "rdp"
-    # a fixed noise multiplier instead of calibrating it to target_epsilon (empty: calibrate);
-    # a run whose fixed noise cannot meet the target fails before training
-    noise_multiplier: float | None = Field(None, gt=0.0, le=1000.0)
     # which arms train privately: both, large or small (the other trains without DP)
     arms: Literal["both", "large", "small"] = "both"
     # also train the private arms without DP, for the accuracy that privacy costs
@@ -224,8 +153,15 @@ class PrivacyConfig(_Strict):
         """Return whether the arm ``kind`` ("large" or "small") trains privately."""
         return self.mode != "none" and self.arms in ("both", kind)
 
+    def at(self, epsilon: float | None) -> PrivacySpec:
+        """Return the run spec's privacy of a run private at ``epsilon`` (None: a run without DP)."""
+        if epsilon is None:
+            return PrivacySpec()
+        own = {name: getattr(self, name) for name in PrivacySpec.model_fields}
+        return PrivacySpec(**{**own, "target_epsilon": epsilon})
 
-class DeploymentConfig(_Strict):
+
+class DeploymentConfig(Spec):
     """What serving each arm's final model looks like: the volume to price and how inference is measured."""
 
     # export, compress (fp32, int8, fp16) and measure each arm's final model after training
@@ -254,13 +190,11 @@ LARGE_MODELS = ("auto", *zoo.LARGE_MODELS)  # the zoo's names: one registry for 
 SMALL_MODELS = zoo.SMALL_MODELS
 
 
-class CompareConfig(_Strict):
+class CompareConfig(CommonSpec):
     """Everything a user chooses for one `federated-compare` run."""
 
     # dataset and partitioning
     data: DataConfig = DataConfig()
-    # federated rounds per arm
-    rounds: int = Field(5, ge=1, le=1000)
     # the large model: a CNN for 28x28 images (an MLP for tabular data), meant for gpu-tier nodes
     large: ArmConfig = ArmConfig(model="auto", local_epochs=3, batch_size=32, learning_rate=1e-3)
     # the small model: logistic regression, meant for cpu-tier nodes
@@ -270,26 +204,17 @@ class CompareConfig(_Strict):
     assignment: Literal["all-nodes", "by-tier"] = "all-nodes"
     # by-tier only: gpu-tier nodes train the small model too (they still train the large one)
     small_on_gpu_nodes: bool = False
-    # seed of partitioning, initialisation, sampling and shuffling
-    seed: int = Field(0, ge=0, le=2**31 - 1)
     # central-test accuracy an arm must reach to count as good enough
     target_accuracy: float = Field(0.9, gt=0.0, le=1.0)
     # checkpoint store: a path, file:// or s3://bucket/prefix URI (empty: $FEDCOMPARE_STORE or <state dir>/store)
     store_uri: str = ""
     # Flower SuperLink address host:port (empty: $FEDCOMPARE_SUPERLINK or 127.0.0.1:8000)
     superlink: str = ""
-    # when nodes evaluate the global model on their local test split: after the final round
-    # only (one message less per node and round) or after every round; the server evaluates
-    # centrally after every round either way
-    node_evaluation: Literal["final", "every-round"] = "final"
     # the price table that turns measured seconds and bytes into dollars, energy and CO2
     cost: CostModel = CostModel()
     # run key (flow-run id) of an earlier comparison to continue after its last complete
     # round of each arm, with the same config (empty: a new comparison)
     resume_from: str = ""
-    # model checkpoints kept per arm: those of the last N rounds plus the best round (0: every round);
-    # every round's metrics stay, so the report is whole either way
-    keep_last_rounds: int = Field(0, ge=0, le=100_000)
     # times Prefect retries an arm that failed; a retry resumes after the last stored round
     arm_retries: int = Field(1, ge=0, le=10)
     # differential privacy (off by default; the federated-compare/private deployment sweeps ε)
@@ -366,6 +291,37 @@ class CompareConfig(_Strict):
                 raise ValueError(f"{kind}.aggregation: {conflict}")
         return self
 
+    def run_spec(self, kind: str, *, arm: str, model: str, run_key: str, store_uri: str, nodes: list[int],
+                 epsilon: float | None = None, preprocessing: dict[str, Any] | None = None) -> RunSpec:
+        """Return the run spec of one arm's Flower run: arm ``kind``'s settings at ``epsilon`` (None: without DP).
+
+        ``model``: the arm's model resolved (not "auto"); ``preprocessing``: the spec the arm's
+        nodes apply (None: features as loaded).
+        """
+        return RunSpec(
+            mode="train", store_uri=store_uri, run_key=run_key, arm=arm, nodes=nodes,
+            rounds=self.rounds, seed=self.seed, node_evaluation=self.node_evaluation,
+            keep_last_rounds=self.keep_last_rounds,
+            preprocessing=json.dumps(preprocessing, separators=(",", ":")) if preprocessing else "",
+            training=getattr(self, kind).resolved(model, epsilon), privacy=self.privacy.at(epsilon), data=self._data(),
+        )
+
+    def query_spec(self, *, run_key: str, store_uri: str, federated_statistics: bool) -> RunSpec:
+        """Return the run spec of the node query: every node answers, as patient as the most patient arm."""
+        timeout = max(getattr(self, kind).round_timeout_s for kind in ("large", "small"))
+        return RunSpec(
+            mode="query", store_uri=store_uri, run_key=run_key, rounds=self.rounds, seed=self.seed,
+            preprocessing=FEDERATED if federated_statistics else "",
+            training=ArmSpec(model=self.small.model, round_timeout_s=timeout), data=self._data(),
+        )
+
+    def _data(self) -> DataSpec:
+        """Return the run spec's data settings, a dataset file's path made absolute (nodes run elsewhere)."""
+        own = {name: getattr(self.data, name) for name in DataSpec.model_fields}
+        if self.data.dataset not in BUILTIN_DATASETS:
+            own["dataset"] = str(Path(self.data.dataset).resolve())
+        return DataSpec(**own)
+
     def unused_steps(self) -> list[str]:
         """Return one note per arm whose learning_rate_by_epsilon names an ε that no private run of it uses.
 
@@ -441,12 +397,3 @@ def merge(base: dict, overrides: dict) -> dict:
         merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
             else value
     return merged
-
-
-def describe_errors(exc: ValidationError) -> str:
-    """Return a pydantic validation error as one line: ``field: problem; field: problem``."""
-    parts = []
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "config"
-        parts.append(f"{field}: {error['msg']}")
-    return "; ".join(parts)

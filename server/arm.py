@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from clients.data import central_test, load_dataset
 from clients.models import build_model
 from clients.preprocess import PreprocessingError, merge_stats, prepare
-from clients.run_config import ArmRunConfig
+from clients.spec import RunSpec
 from infra.checkpoints import (
     CheckpointError, federation_key, load_latest_good, read_manifest, rewind, round_metrics, run_source, write_round,
 )
@@ -32,14 +32,14 @@ log = logging.getLogger("fedcompare.server")
 # comes back under a new id), how long a round waits and how many replies it needs do not change the model
 # the arm trains, so a run may resume with other values of them. The submitter's git commit and dirty state
 # describe the code, not the config: they go to the checkpoint's "code", and a retry may come from an edit.
-_NOT_HASHED = ("mode", "nodes", "round_timeout", "min_replies", "git_commit", "git_dirty")
+_NOT_HASHED = ("mode", "nodes", "round-timeout-s", "min-replies", "git-commit", "git-dirty")
 _DIRTY = {"yes": True, "no": False, "unknown": None}
 
 
-def query_federation(grid: Grid, run: ArmRunConfig, store: Store) -> dict[str, Any]:
+def query_federation(grid: Grid, run: RunSpec, store: Store) -> dict[str, Any]:
     """Ask every connected node what it is and store the answers."""
     node_ids = list(grid.get_node_ids())
-    replies = list(grid.send_and_receive(node_info_messages(node_ids), timeout=run.round_timeout))
+    replies = list(grid.send_and_receive(node_info_messages(node_ids), timeout=run.training.round_timeout_s))
     nodes, failures = [], []
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -55,7 +55,7 @@ def query_federation(grid: Grid, run: ArmRunConfig, store: Store) -> dict[str, A
     return answer
 
 
-def _federated_statistics(nodes: list[dict[str, Any]], run: ArmRunConfig) -> dict[str, Any]:
+def _federated_statistics(nodes: list[dict[str, Any]], run: RunSpec) -> dict[str, Any]:
     """Add up the nodes' preprocessing statistics (and take them off the node entries): only the sums are stored."""
     parts = [(f"node {n['node_id']}", json.loads(n.pop("preprocessing-stats"))) for n in nodes
              if "preprocessing-stats" in n]
@@ -82,59 +82,53 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
+def run_arm(grid: Grid, run: RunSpec, store: Store) -> None:
     """Train one arm over its nodes with the arm's aggregation, checkpointing every round to the store."""
     source = run_source(git_commit=run.git_commit, git_dirty=_DIRTY[run.git_dirty], fab_hash=grid.run.fab_hash or None)
     random.seed(run.seed)  # Flower's node sampling uses the global `random`
-    dataset = prepare(load_dataset(run.dataset, label_column=run.label_column, image_size=run.image_shape,
-                                   partition_by=run.partition_by), run.preprocessing_spec)
-    test = central_test(dataset, central_test_fraction=run.central_test_fraction, seed=run.seed)
-    model = build_model(run.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                        seed=run.seed, device="cpu", private=run.privacy_mode == "sample-level")
+    data, training = run.data, run.training
+    dataset = prepare(load_dataset(data.dataset, label_column=data.label_column, image_size=data.image_size,
+                                   partition_by=data.partition_by), run.preprocessing_spec)
+    test = central_test(dataset, central_test_fraction=data.central_test_fraction, seed=run.seed)
+    model = build_model(training.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+                        seed=run.seed, device="cpu", private=run.private)
     done, initial, discarded = _resume_point(store, run, model.get_arrays())
-    if done >= run.num_rounds:
-        log.info("arm %s: all %d rounds are already in the store; nothing to do", run.arm, run.num_rounds)
+    if done >= run.rounds:
+        log.info("arm %s: all %d rounds are already in the store; nothing to do", run.arm, run.rounds)
         return
     model.set_arrays(initial)
-    arm_grid = ArmGrid(grid, run.node_ids, partitions=_node_partitions(store, run))
-    num_nodes = len(run.node_ids) or len(list(grid.get_node_ids()))
+    arm_grid = ArmGrid(grid, run.nodes, partitions=_node_partitions(store, run))
+    num_nodes = len(run.nodes) or len(list(grid.get_node_ids()))
     _check_min_replies(run, num_nodes)
     strategy = recording_strategy(
-        run.aggregation,
+        training.aggregation, trim_fraction=training.trim_fraction, krum_byzantine=training.krum_byzantine,
         # the round loop picks the nodes of each round and bounds every wait, so Flower's own minimums are off
         min_train_nodes=0, min_evaluate_nodes=0, min_available_nodes=0,
-        evaluate_rounds=None if run.node_evaluation == "every-round" else {run.num_rounds},
-        round_offset=done,
+        evaluate_rounds=None if run.node_evaluation == "every-round" else {run.rounds},
         # client-level DP bounds each node's influence on the mean, so the nodes weigh the same
-        weighted_by_key="dp-unit-weight" if run.privacy_mode == "client-level" else "num-examples",
+        weighted_by_key="dp-unit-weight" if run.privacy.mode == "client-level" else "num-examples",
     )
     _log_aggregation(run, strategy, num_nodes)
     privacy = _Privacy(run, num_nodes, _stored_history(store, run, done), getattr(model, "dp_fixes", []))
     runner = privacy.wrap(strategy)
-    arm_config = {k: v for k, v in vars(run).items() if k not in _NOT_HASHED}
-    model_meta = {"name": run.model, "args": {"input_shape": list(dataset.input_shape),
-                                              "num_classes": dataset.num_classes, "seed": run.seed,
-                                              "private": run.privacy_mode == "sample-level"}}
-    train_config = ConfigRecord(
-        {"local-epochs": run.local_epochs, "batch-size": run.batch_size, "learning-rate": run.learning_rate}
-    )
-    log.info("arm %s: %s on nodes %s for %d rounds", run.arm, run.model, run.node_ids or "all", run.num_rounds)
+    arm_config = {k: v for k, v in run.to_run_config().items() if k not in _NOT_HASHED}
+    model_meta = {"name": training.model, "args": {"input_shape": list(dataset.input_shape),
+                                                   "num_classes": dataset.num_classes, "seed": run.seed,
+                                                   "private": run.private}}
+    log.info("arm %s: %s on nodes %s for %d rounds", run.arm, training.model, run.nodes or "all", run.rounds)
 
-    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Evaluate the global model centrally and write the round to the store."""
-        if server_round == 0:
-            return None
-        server_round += done  # Flower counts the rounds of this attempt from 1
         named = _from_record(arrays)
         model.set_arrays(named)
         evaluated = time.perf_counter()
-        central = model.evaluate(test, batch_size=max(run.batch_size, 256))
+        central = model.evaluate(test, batch_size=max(training.batch_size, 256))
         central_seconds = time.perf_counter() - evaluated
         record = strategy.rounds[server_round]
         metrics = {
             "round": server_round,
             "arm": run.arm,
-            "model": run.model,
+            "model": training.model,
             "central": {k: float(v) for k, v in central.items()},
             "federated": _weighted(record.evaluate),
             "nodes": [
@@ -163,16 +157,16 @@ def run_arm(grid: Grid, run: ArmRunConfig, store: Store) -> None:
     run_rounds(
         runner, strategy, arm_grid, arm=run.arm,
         arrays=_to_record(model.get_arrays()),
-        num_rounds=run.num_rounds - done,
-        policy=RoundPolicy(timeout_s=run.round_timeout, min_replies=run.min_replies,
-                           max_update_norm=run.update_norm_bound),
-        train_config=train_config,
+        rounds=range(done + 1, run.rounds + 1),  # the run's round numbers: a resumed run goes on after ``done``
+        policy=RoundPolicy(timeout_s=training.round_timeout_s, min_replies=training.min_replies,
+                           max_update_norm=training.max_update_norm),
+        train_config=ConfigRecord({}),  # per-round messages carry only the round; the nodes read the run spec
         evaluate_config=ConfigRecord({}),
         evaluate_fn=checkpoint,
     )
 
 
-def _node_partitions(store: Store, run: ArmRunConfig) -> dict[int, int | None]:
+def _node_partitions(store: Store, run: RunSpec) -> dict[int, int | None]:
     """Return node id -> partition id of the nodes the flow's node query found (None: asked, no answer).
 
     The arm grid uses it to recognise a restarted node (new id, same partition) without
@@ -189,19 +183,21 @@ def _node_partitions(store: Store, run: ArmRunConfig) -> dict[int, int | None]:
     return known
 
 
-def _check_min_replies(run: ArmRunConfig, num_nodes: int) -> None:
+def _check_min_replies(run: RunSpec, num_nodes: int) -> None:
     """Fail when the arm needs more valid replies per round than it has nodes."""
-    if run.min_replies > num_nodes:
+    if run.training.min_replies > num_nodes:
         raise ValueError(
-            f"arm {run.arm}: min_replies {run.min_replies} exceeds the arm's {num_nodes} nodes: set the arm's "
+            f"arm {run.arm}: min_replies {run.training.min_replies} exceeds the arm's {num_nodes} nodes: set the arm's "
             f"min_replies to at most {num_nodes}, or give the arm more nodes"
         )
 
 
-def _log_aggregation(run: ArmRunConfig, strategy: Recording, num_nodes: int) -> None:
+def _log_aggregation(run: RunSpec, strategy: Recording, num_nodes: int) -> None:
     """Log the arm's aggregation and the round rules, warning when trimmed-mean would trim nothing."""
+    training = run.training
     log.info("arm %s: %s aggregation, at least %d valid replies per round, update norm bound %s, timeout %g s",
-             run.arm, run.aggregation, run.min_replies, run.update_norm_bound or "none", run.round_timeout)
+             run.arm, training.aggregation, training.min_replies, training.max_update_norm or "none",
+             training.round_timeout_s)
     beta = getattr(strategy, "beta", None)  # FedTrimmedAvg's share cut from each tail
     if beta is not None and int(beta * num_nodes) == 0:
         log.warning("arm %s: trimmed-mean cuts %g of each tail, which is no node of %d: it is the plain "
@@ -219,14 +215,15 @@ class _Privacy:
     accounted with the planned multiplier ``σ``; a round without replies releases nothing.
     """
 
-    def __init__(self, run: ArmRunConfig, num_nodes: int, history: list[list[float]], fixes: list[str]) -> None:
+    def __init__(self, run: RunSpec, num_nodes: int, history: list[list[float]], fixes: list[str]) -> None:
         self.run, self.num_nodes, self.history, self.fixes = run, num_nodes, history, fixes
         self.plan = None
-        if run.privacy_mode == "client-level":
+        if run.privacy.mode == "client-level":
             from privacy.accounting import plan_client_level
 
-            self.plan = plan_client_level(num_nodes=num_nodes, sampled_nodes=num_nodes, rounds=run.num_rounds,
-                                          clipping_norm=run.max_grad_norm, **run.privacy_kwargs())
+            self.plan = plan_client_level(num_nodes=num_nodes, sampled_nodes=num_nodes, rounds=run.rounds,
+                                          clipping_norm=run.privacy.max_grad_norm,
+                                          **run.privacy.accounting_kwargs())
 
     def wrap(self, strategy: Recording):
         """Return the strategy to run: ``strategy`` itself, or wrapped for client-level DP."""
@@ -241,12 +238,12 @@ class _Privacy:
 
     def round_record(self, record) -> dict[str, Any]:
         """Return the ``privacy`` entry of a round's metrics (nothing when the arm is not private)."""
-        run = self.run
-        if run.privacy_mode == "none":
+        privacy = self.run.privacy
+        if privacy.mode == "none":
             return {}
-        base = {"mode": run.privacy_mode, "accountant": run.accountant, "delta": run.delta,
-                "target_epsilon": run.target_epsilon}
-        if run.privacy_mode == "sample-level":
+        base = {"mode": privacy.mode, "accountant": privacy.accountant, "delta": privacy.delta,
+                "target_epsilon": privacy.target_epsilon}
+        if privacy.mode == "sample-level":
             nodes = {
                 str(node): {"noise_multiplier": m["dp-noise-multiplier"], "sample_rate": m["dp-sample-rate"],
                             "steps": int(m["dp-steps"]), "max_grad_norm": m["dp-max-grad-norm"],
@@ -261,22 +258,22 @@ class _Privacy:
         effective = self.plan.noise_multiplier if replies else None  # kept in the metrics: None = nothing released
         if replies:
             self.history.append([self.plan.noise_multiplier, self.plan.sample_rate, 1])
-        spent = epsilon([Mechanism(*h) for h in self.history], delta=run.delta, accountant=run.accountant)
+        spent = epsilon([Mechanism(*h) for h in self.history], delta=privacy.delta, accountant=privacy.accountant)
         return {"privacy": {**base, "noise_multiplier": self.plan.noise_multiplier,
                             "effective_noise_multiplier": effective, "clipping_norm": self.plan.max_grad_norm,
                             "replies": replies, "num_nodes": self.num_nodes,
                             "history": [list(h) for h in self.history], "epsilon": spent}}
 
 
-def _stored_history(store: Store, run: ArmRunConfig, done: int) -> list[list[float]]:
+def _stored_history(store: Store, run: RunSpec, done: int) -> list[list[float]]:
     """Return the client-level accountant history of the rounds already stored (a resumed arm goes on from it)."""
-    if not done or run.privacy_mode != "client-level":
+    if not done or run.privacy.mode != "client-level":
         return []
     last = round_metrics(store, run.run_key, run.arm)[done - 1]
     return [list(h) for h in last.get("privacy", {}).get("history", [])]
 
 
-def _resume_point(store: Store, run: ArmRunConfig,
+def _resume_point(store: Store, run: RunSpec,
                   fresh: dict[str, np.ndarray]) -> tuple[int, dict, list[dict[str, Any]]]:
     """Return (last good round, its model, the newer rounds discarded) from the store; (0, ``fresh``, []) for a new arm.
 
@@ -305,7 +302,7 @@ def _resume_point(store: Store, run: ArmRunConfig,
             "no stored round verifies"
         rewind(store, run.run_key, run.arm, done, reason)
     if done:
-        log.info("arm %s: resuming after round %d of %d from %s", run.arm, done, run.num_rounds, store.uri)
+        log.info("arm %s: resuming after round %d of %d from %s", run.arm, done, run.rounds, store.uri)
     return done, arrays, discarded
 
 

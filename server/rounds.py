@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import Strategy
 
-from clients.run_config import ROUND_ATTEMPTS
+from clients.spec import ROUND_ATTEMPTS
 from server._grid import ArmGrid
 from server._updates import check_update, check_weight
 from server.strategy import Recording
@@ -57,78 +57,78 @@ class Shortfall:
 
 
 def run_rounds(
-    strategy: Strategy, recorder: Recording, grid: ArmGrid, *, arm: str, arrays: ArrayRecord, num_rounds: int,
+    strategy: Strategy, recorder: Recording, grid: ArmGrid, *, arm: str, arrays: ArrayRecord, rounds: range,
     policy: RoundPolicy, train_config: ConfigRecord, evaluate_config: ConfigRecord,
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
 ) -> ArrayRecord:
-    """Run ``num_rounds`` rounds of ``strategy`` over ``grid`` and return the final global arrays.
+    """Run the ``rounds`` of ``strategy`` over ``grid`` and return the final global arrays.
 
-    ``recorder`` is the recording strategy: ``strategy`` itself, or the one a DP wrapper
-    wraps. Rounds count from 1 (``recorder.round_offset`` renumbers them for the nodes and
-    the records); ``evaluate_fn(round, arrays)`` runs after every round.
+    ``rounds`` are the run's own round numbers (``range(4, 6)``: a run of 5 rounds that
+    resumes after round 3), for the nodes, the records and ``evaluate_fn(round, arrays)``,
+    which runs after every round. ``recorder`` is the recording strategy: ``strategy``
+    itself, or the one a DP wrapper wraps.
 
     Raises:
         RuntimeError: a round got fewer than ``policy.min_replies`` valid training replies in every attempt.
     """
-    for current in range(1, num_rounds + 1):
-        arrays = _train(strategy, recorder, grid, arm, current, arrays, train_config, policy)
-        _evaluate(strategy, recorder, grid, current, arrays, evaluate_config, policy)
-        evaluate_fn(current, arrays)
+    for server_round in rounds:
+        arrays = _train(strategy, recorder, grid, arm, server_round, arrays, train_config, policy)
+        _evaluate(strategy, recorder, grid, server_round, arrays, evaluate_config, policy)
+        evaluate_fn(server_round, arrays)
     return arrays
 
 
-def _train(strategy: Strategy, recorder: Recording, grid: ArmGrid, arm: str, current: int, arrays: ArrayRecord,
+def _train(strategy: Strategy, recorder: Recording, grid: ArmGrid, arm: str, server_round: int, arrays: ArrayRecord,
            config: ConfigRecord, policy: RoundPolicy) -> ArrayRecord:
     """Run the training of one round, trying it again once if too few valid replies come; return the new arrays."""
     reference = {name: array.numpy() for name, array in arrays.items()}
     check = partial(check_train_reply, reference=reference, weight_key=recorder.weighted_by_key,
                     max_update_norm=policy.max_update_norm)
-    run_round = current + recorder.round_offset
     short = None
     for attempt in range(1, policy.attempts + 1):
         deadline = time.monotonic() + policy.timeout_s
         nodes = _connected(grid, policy.min_replies, deadline)
-        sent = list(strategy.configure_train(current, arrays, config, grid.pinned(nodes))) if nodes else []
+        sent = list(strategy.configure_train(server_round, arrays, config, grid.pinned(nodes))) if nodes else []
         received = grid.send_and_receive(sent, timeout=max(0.0, deadline - time.monotonic()))
         replies, rejected = settle(sent, received, missing_reason=policy.missing_reason(), check=check)
         for reply, reason in rejected:
-            log.warning("arm %s round %d: node %d's training reply %s", arm, run_round, reply.metadata.src_node_id,
+            log.warning("arm %s round %d: node %d's training reply %s", arm, server_round, reply.metadata.src_node_id,
                         reason)
-        recorder.count_replies(current, [reply for reply, _ in rejected])
+        recorder.count_replies(server_round, [reply for reply, _ in rejected])
         valid = [reply for reply in replies if not reply.has_error()]
         missed = failures(replies) + [(node, NOT_CONNECTED) for node in grid.members if node not in nodes]
         short = shortfall(len(valid), policy.min_replies, asked=len(sent), missed=missed)
         if short is None:
             for node, reason in missed:
-                recorder.note_failure(current, node, "train", reason)
+                recorder.note_failure(server_round, node, "train", reason)
             if missed:
-                log.warning("arm %s round %d: going on with %d of %d nodes, without %s", arm, run_round, len(valid),
+                log.warning("arm %s round %d: going on with %d of %d nodes, without %s", arm, server_round, len(valid),
                             len(valid) + len(missed), "; ".join(f"node {n}: {_one_line(r)}" for n, r in missed))
-            aggregated, _ = strategy.aggregate_train(current, valid)
+            aggregated, _ = strategy.aggregate_train(server_round, valid)
             return arrays if aggregated is None else aggregated
         for node, reason in missed:
-            recorder.note_failure(current, node, "train", f"{reason} (attempt {attempt} of {policy.attempts})")
-        recorder.count_replies(current, valid)  # trained and sent, then dropped with the attempt
+            recorder.note_failure(server_round, node, "train", f"{reason} (attempt {attempt} of {policy.attempts})")
+        recorder.count_replies(server_round, valid)  # trained and sent, then dropped with the attempt
         if attempt < policy.attempts:
-            log.warning("arm %s round %d: %s; trying the round again", arm, run_round, describe(short))
-    raise RuntimeError(shortfall_message(arm, run_round, short, policy))
+            log.warning("arm %s round %d: %s; trying the round again", arm, server_round, describe(short))
+    raise RuntimeError(shortfall_message(arm, server_round, short, policy))
 
 
-def _evaluate(strategy: Strategy, recorder: Recording, grid: ArmGrid, current: int, arrays: ArrayRecord,
+def _evaluate(strategy: Strategy, recorder: Recording, grid: ArmGrid, server_round: int, arrays: ArrayRecord,
               config: ConfigRecord, policy: RoundPolicy) -> None:
     """Let the arm's connected nodes evaluate the global arrays if this round has node evaluation."""
-    if not recorder.evaluates(current):
+    if not recorder.evaluates(server_round):
         return
     grid.admit_new_nodes(timeout=policy.timeout_s)  # a node restarted during training evaluates already
     nodes = sorted(grid.get_node_ids())
-    sent = list(strategy.configure_evaluate(current, arrays, config, grid.pinned(nodes))) if nodes else []
+    sent = list(strategy.configure_evaluate(server_round, arrays, config, grid.pinned(nodes))) if nodes else []
     received = grid.send_and_receive(sent, timeout=policy.timeout_s)
     replies, rejected = settle(sent, received, missing_reason=policy.missing_reason(), check=check_evaluate_reply)
-    recorder.count_replies(current, [reply for reply, _ in rejected])
+    recorder.count_replies(server_round, [reply for reply, _ in rejected])
     missed = failures(replies) + [(node, NOT_CONNECTED) for node in grid.members if node not in nodes]
     for node, reason in missed:
-        recorder.note_failure(current, node, "evaluate", reason)
-    strategy.aggregate_evaluate(current, [reply for reply in replies if not reply.has_error()])
+        recorder.note_failure(server_round, node, "evaluate", reason)
+    strategy.aggregate_evaluate(server_round, [reply for reply in replies if not reply.has_error()])
 
 
 def _connected(grid: ArmGrid, needed: int, deadline: float) -> list[int]:

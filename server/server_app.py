@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from clients.run_config import ArmRunConfig
+from clients.spec import RunSpec
 from infra.store import open_store
 from server.arm import query_federation, run_arm
 
@@ -15,7 +15,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Read the run config once, then query the nodes or train the arm."""
-    run = ArmRunConfig.from_run_config(context.run_config)
+    run = RunSpec.from_run_config(context.run_config)
     store = open_store(run.store_uri)
     if run.mode == "query":
         query_federation(grid, run, store)

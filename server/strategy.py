@@ -53,26 +53,23 @@ class Recording(FedAvg):
     Put it first among the bases (``class X(Recording, FedMedian)``) so it wraps the
     base's methods. ``evaluate_rounds`` says after which rounds the nodes evaluate the
     global model on their local test split (every round when None); the server evaluates
-    it centrally after every round regardless. ``round_offset`` renumbers rounds when a
-    run resumes after round ``round_offset``: the round loop counts from 1 again, the
-    nodes and the records see the run's own numbering (so per-round seeds stay the same).
+    it centrally after every round regardless. Rounds are the run's own numbers (a run that
+    resumes after round 3 goes on with round 4), for the nodes and the records alike.
     """
 
-    def __init__(self, *, evaluate_rounds: set[int] | None = None, round_offset: int = 0, **kwargs) -> None:
+    def __init__(self, *, evaluate_rounds: set[int] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.evaluate_rounds = evaluate_rounds
-        self.round_offset = round_offset
         self.rounds: dict[int, RoundLog] = {}
 
     def evaluates(self, server_round: int) -> bool:
-        """Return whether the nodes evaluate after round ``server_round`` (the loop's count)."""
-        return self.evaluate_rounds is None or server_round + self.round_offset in self.evaluate_rounds
+        """Return whether the nodes evaluate after round ``server_round``."""
+        return self.evaluate_rounds is None or server_round in self.evaluate_rounds
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample the arm's nodes and note the bytes each training message carries."""
-        server_round += self.round_offset
         log = self.rounds.setdefault(server_round, RoundLog())
         log.started = log.started or time.time()  # a retried round counts from its first attempt
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -88,7 +85,6 @@ class Recording(FedAvg):
         Replies are aggregated in node-id order, not arrival order: floating-point sums
         depend on the order, and a seeded run should give the same model every time.
         """
-        server_round += self.round_offset
         replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
         log = self.rounds.setdefault(server_round, RoundLog())
         log.trained = time.time()
@@ -99,27 +95,27 @@ class Recording(FedAvg):
         return result
 
     def _record(self, server_round: int, replies: list[Message], phase: str, into: dict) -> None:
-        """Note the failed replies of ``phase`` and each answering node's metrics and bytes (run numbering)."""
-        self.note_failures(server_round - self.round_offset, replies, phase)
+        """Note the failed replies of ``phase`` and each answering node's metrics and bytes."""
+        self.note_failures(server_round, replies, phase)
         for reply in replies:
             if not reply.has_error():
                 into[reply.metadata.src_node_id] = dict(reply.content["metrics"])
-        self.count_replies(server_round - self.round_offset, replies)
+        self.count_replies(server_round, replies)
 
     def note_failures(self, server_round: int, replies: Iterable[Message], phase: str) -> None:
-        """Record the error replies of ``phase`` in round ``server_round`` (the loop's count) with their reasons."""
+        """Record the error replies of ``phase`` in round ``server_round`` with their reasons."""
         for reply in replies:
             if reply.has_error():
                 self.note_failure(server_round, reply.metadata.src_node_id, phase, reply.error.reason)
 
     def note_failure(self, server_round: int, node: int, phase: str, reason: str) -> None:
-        """Record that ``node`` gave no usable reply in ``phase`` of round ``server_round`` (the loop's count)."""
-        log = self.rounds.setdefault(server_round + self.round_offset, RoundLog())
+        """Record that ``node`` gave no usable reply in ``phase`` of round ``server_round``."""
+        log = self.rounds.setdefault(server_round, RoundLog())
         log.failures.append({"node_id": node, "phase": phase, "reason": reason})
 
     def count_replies(self, server_round: int, replies: Iterable[Message]) -> None:
-        """Add the bytes of the replies that carry content to round ``server_round`` (the loop's count)."""
-        log = self.rounds.setdefault(server_round + self.round_offset, RoundLog())
+        """Add the bytes of the replies that carry content to round ``server_round``."""
+        log = self.rounds.setdefault(server_round, RoundLog())
         for reply in replies:
             if not reply.has_error():
                 log.count(reply.metadata.src_node_id, "up", serialized_bytes(reply.content))
@@ -130,7 +126,6 @@ class Recording(FedAvg):
         """Sample the arm's nodes for evaluation and note the bytes sent."""
         if not self.evaluates(server_round):
             return []
-        server_round += self.round_offset
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         log = self.rounds.setdefault(server_round, RoundLog())
         for message in messages:
@@ -139,7 +134,6 @@ class Recording(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Keep each node's evaluation metrics, then average them weighted by test examples."""
-        server_round += self.round_offset
         replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
         log = self.rounds.setdefault(server_round, RoundLog())
         self._record(server_round, replies, "evaluate", log.evaluate)
@@ -176,14 +170,21 @@ AGGREGATIONS: dict[str, type[Recording]] = {
 }
 
 
-def recording_strategy(aggregation: str, **kwargs) -> Recording:
-    """Return the recording strategy for ``aggregation`` (a key of ``AGGREGATIONS``) built with ``kwargs``."""
+def recording_strategy(aggregation: str, *, trim_fraction: float = 0.2, krum_byzantine: int = 0,
+                       **kwargs) -> Recording:
+    """Return the recording strategy for ``aggregation`` (a key of ``AGGREGATIONS``) built with ``kwargs``.
+
+    ``trim_fraction`` is trimmed-mean's share cut from each tail (Flower's ``beta``),
+    ``krum_byzantine`` the bad nodes Krum tolerates (Flower's ``num_malicious_nodes``); each
+    applies to its rule only.
+    """
     if aggregation not in AGGREGATIONS:
         raise ValueError(
             f"aggregation: expected one of {', '.join(AGGREGATIONS)}, got {aggregation!r}: "
             "set the arm's aggregation to one of them"
         )
-    return AGGREGATIONS[aggregation](**kwargs)
+    own = {"trimmed-mean": {"beta": trim_fraction}, "krum": {"num_malicious_nodes": krum_byzantine}}
+    return AGGREGATIONS[aggregation](**own.get(aggregation, {}), **kwargs)
 
 
 class ClientLevelDp(DifferentialPrivacyServerSideFixedClipping):

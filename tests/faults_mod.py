@@ -12,7 +12,7 @@ Values of ``fault``:
     "nan"    put NaN into the reply's arrays
     "shape"  give the first array an extra axis (its shape no longer matches the model)
     "huge"   scale the node's update (trained minus received model) by ``HUGE_FACTOR``
-    "hang"   sleep ``HANG_TIMEOUTS`` round timeouts (run config ``round-timeout``) before replying
+    "hang"   sleep ``HANG_TIMEOUTS`` round timeouts (run config ``round-timeout-s``) before replying
     "crash"  end the ClientApp process with ``os._exit`` before replying
 """
 
@@ -86,7 +86,7 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     elif category == MessageType.TRAIN and fault:
         received = OrderedDict((name, array.numpy()) for name, array in msg.content["arrays"].items())
         trained = OrderedDict((name, array.numpy()) for name, array in reply.content["arrays"].items())
-        hang = HANG_TIMEOUTS * float(context.run_config.get("round-timeout", 600.0))
+        hang = HANG_TIMEOUTS * float(context.run_config.get("round-timeout-s", 600.0))
         sent = apply_fault(fault, trained, received, hang_seconds=hang)
         reply.content["arrays"] = ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in sent.items()))
     return reply

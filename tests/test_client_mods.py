@@ -106,7 +106,7 @@ def test_the_fault_mod_hangs_for_hang_timeouts_round_timeouts_then_replies_hones
     round_timeout = 0.02
 
     started = time.monotonic()
-    sent = _sent(_honest_app(fault_mod)(_train_message(), _context({"fault": "hang"}, {"round-timeout": round_timeout})))
+    sent = _sent(_honest_app(fault_mod)(_train_message(), _context({"fault": "hang"}, {"round-timeout-s": round_timeout})))
 
     assert time.monotonic() - started >= HANG_TIMEOUTS * round_timeout
     assert all(np.all(sent[name] == 0.5) for name in sent)

@@ -3,9 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from clients.run_config import ArmRunConfig
 from flows.assignment import assign_nodes, memory_fit, node_table
-from flows.compare import _run_config
 from flows.config import CompareConfig, resolve_store_uri, resolve_superlink
 
 
@@ -81,25 +79,6 @@ def test_endpoints_resolve_from_config_then_environment(monkeypatch, tmp_path):
     assert resolve_store_uri(CompareConfig()) == "s3://bucket/prefix"
     assert resolve_superlink(CompareConfig()) == "10.0.0.5:8000"
     assert resolve_superlink(CompareConfig(superlink="coord:9000")) == "coord:9000"
-
-
-def test_flower_run_config_round_trips_through_the_app_parser():
-    config = CompareConfig()
-    run_config = _run_config(config, mode="train", arm="small", model="logreg", run_key="k",
-                             store_uri="file:///tmp/s", nodes=[3, 4])
-
-    parsed = ArmRunConfig.from_run_config(run_config)
-
-    assert parsed.node_ids == [3, 4]
-    assert parsed.learning_rate == config.small.learning_rate
-    assert parsed.num_rounds == config.rounds
-
-
-def test_run_config_with_unknown_key_fails_loudly():
-    run_config = _run_config(CompareConfig(), mode="train", arm="large", model="cnn", run_key="k",
-                             store_uri="file:///tmp/s", nodes=[])
-    with pytest.raises(ValueError, match="unknown keys \\['extra'\\]"):
-        ArmRunConfig.from_run_config({**run_config, "extra": 1})
 
 
 def test_by_tier_assignment_splits_nodes_and_explains_a_missing_tier():
@@ -192,55 +171,6 @@ def test_round_rules_are_per_arm_with_safe_defaults():
         "fedavg", 1, None, 600.0)
 
 
-def test_each_arm_run_carries_its_own_round_rules_and_the_query_waits_for_the_most_patient_arm():
-    config = CompareConfig.model_validate(
-        {"large": {"model": "cnn", "learning_rate": 0.1, "aggregation": "fedmedian", "min_replies": 2,
-                   "max_update_norm": 25.0, "round_timeout_s": 90},
-         "small": {"model": "logreg", "learning_rate": 0.1, "round_timeout_s": 45}}
-    )
-    common = {"run_key": "k", "store_uri": "file:///tmp/s", "nodes": [3, 4]}
-
-    large = ArmRunConfig.from_run_config(_run_config(config, mode="train", arm="large", model="cnn", **common))
-    small = ArmRunConfig.from_run_config(_run_config(config, mode="train", arm="small", model="logreg", **common))
-    query = ArmRunConfig.from_run_config(_run_config(config, mode="query", arm="large", model="logreg", **common))
-
-    assert (large.aggregation, large.min_replies, large.update_norm_bound, large.round_timeout) == (
-        "fedmedian", 2, 25.0, 90.0)
-    assert (small.aggregation, small.min_replies, small.update_norm_bound, small.round_timeout) == (
-        "fedavg", 1, None, 45.0)
-    assert query.round_timeout == 90.0
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"aggregation": "mean"}, "aggregation: expected one of fedavg, fedmedian, trimmed-mean, krum, got 'mean'"),
-        ({"min-replies": 0}, "min-replies: expected 1 or more, got 0"),
-        ({"max-update-norm": -1.0}, "max-update-norm: expected a finite number >= 0 \\(0: no bound\\), got -1.0"),
-        ({"max-update-norm": float("nan")}, "max-update-norm: expected a finite number"),
-        ({"round-timeout": 0.0}, "round-timeout: expected seconds > 0, got 0.0"),
-        ({"aggregation": "krum", "privacy-mode": "client-level"}, "aggregation: client-level DP.*aggregates with 'krum'.*'fedavg'"),
-    ],
-)
-def test_the_app_rejects_bad_round_rules_in_the_run_config(change, message):
-    run_config = _run_config(CompareConfig(), mode="train", arm="large", model="cnn", run_key="k",
-                             store_uri="file:///tmp/s", nodes=[])
-
-    with pytest.raises(ValueError, match=message):
-        ArmRunConfig.from_run_config({**run_config, **change})
-
-
-def test_the_app_config_table_in_pyproject_is_a_valid_run_config():
-    import tomllib
-    from pathlib import Path
-
-    table = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    defaults = ArmRunConfig.from_run_config(table["tool"]["flwr"]["app"]["config"])
-
-    assert (defaults.aggregation, defaults.min_replies, defaults.update_norm_bound) == ("fedavg", 1, None)
-    assert defaults.round_timeout == CompareConfig().large.round_timeout_s
-
-
 def test_robust_aggregation_with_client_level_dp_is_refused_naming_the_arm():
     with pytest.raises(ValidationError, match=r"small\.aggregation: client-level DP"):
         CompareConfig.model_validate({"small": {"model": "logreg", "learning_rate": 0.01, "aggregation": "krum"},
@@ -300,24 +230,3 @@ def test_prefect_accepts_an_arm_given_in_part_as_the_deployments_parameter():
     assert (config.small.model, config.small.learning_rate) == ("gnb", CompareConfig().small.learning_rate)
     assert (config.large.model, config.large.local_epochs) == ("auto", 2)
 
-
-@pytest.mark.parametrize(("config", "run_config"), [
-    ({"privacy": {"mode": "sample-level"}}, {"model": "logreg", "privacy-mode": "sample-level"}),
-    ({"small": {"model": "gnb"}, "privacy": {"mode": "sample-level"}}, {"model": "gnb", "privacy-mode": "sample-level"}),
-    ({"large": {"aggregation": "krum"}, "privacy": {"mode": "client-level"}},
-     {"aggregation": "krum", "privacy-mode": "client-level"}),
-])
-def test_a_combination_the_flow_refuses_is_refused_by_the_apps_with_the_same_reason(config, run_config):
-    import tomllib
-    from pathlib import Path
-
-    table = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    submitted = {**table["tool"]["flwr"]["app"]["config"], **run_config}  # `flwr run . --run-config ...`
-
-    with pytest.raises(ValidationError) as flow:
-        CompareConfig.model_validate(config)
-    with pytest.raises(ValueError) as app:
-        ArmRunConfig.from_run_config(submitted)
-
-    reason = str(app.value).split(": ", 1)[1]  # after "run config <key>: "
-    assert reason in str(flow.value), (reason, str(flow.value))

@@ -90,11 +90,12 @@ def test_a_train_reply_carries_the_measured_energy(monkeypatch):
     for name, value in {"_run_id": 1, "_node_id": 0, "_task_id": 1}.items():  # what a ClientApp process has set
         monkeypatch.setattr(TaskIdentity, name, value)
     with open(REPO / "pyproject.toml", "rb") as f:
-        run_config = {**tomllib.load(f)["tool"]["flwr"]["app"]["config"], "model": "logreg", "dataset": "digits"}
+        run_config = {**tomllib.load(f)["tool"]["flwr"]["app"]["config"], "model": "logreg", "dataset": "digits",
+                      "local-epochs": 60, "batch-size": 32, "learning-rate": 0.01}
     start = build_model("logreg", input_shape=(64,), num_classes=10, seed=0, device="cpu").get_arrays()
     sent = Message(RecordDict({
         "arrays": ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in start.items())),
-        "config": ConfigRecord({"server-round": 1, "local-epochs": 60, "batch-size": 32, "learning-rate": 0.01}),
+        "config": ConfigRecord({"server-round": 1}),
     }), dst_node_id=0, message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=0, node_config={"partition-id": 0, "num-partitions": 2, "device": "cpu"},
                       state=RecordDict(), run_config=run_config)

@@ -593,13 +593,12 @@ def test_runs_are_submitted_with_the_fab_and_config_that_flwr_run_sends(tmp_path
     from flwr.cli.build import build_fab_from_disk
     from flwr.common.config import parse_config_args
 
-    from flows.compare import _run_config
     from flows.config import CompareConfig
     from flows.flower import APP_DIR, build_fab
 
     assert build_fab() == build_fab_from_disk(APP_DIR), "the same bytes, so the same FAB hash"
-    run_config = _run_config(CompareConfig(), mode="train", arm="large", model="cnn", run_key="k",
-                             store_uri="file:///s", nodes=[1, 2])
+    run_config = CompareConfig().run_spec("large", arm="large", model="cnn", run_key="k", store_uri="file:///s",
+                                          nodes=[1, 2]).to_run_config()
     toml = tmp_path / "run.toml"  # what submit_run's CLI fallback hands to `flwr run --run-config`
     toml.write_text(tomli_w.dumps(run_config))
     assert tomllib.loads(tomli_w.dumps(run_config)) == parse_config_args([str(toml)]) == run_config

@@ -26,7 +26,7 @@ import pytest
 
 from clients.data import central_test, load_dataset
 from clients.models import build_model
-from flows.compare import _run_config, _wait_for
+from flows.compare import _wait_for
 from flows.config import CompareConfig
 from flows.flower import APP_DIR, build_fab, run_log, source_run_config, submit_run
 from infra.checkpoints import load_latest, load_round, read_checkpoint, read_manifest, report_key, round_metrics
@@ -438,8 +438,8 @@ def test_checkpoints_name_the_submitting_checkouts_commit_or_say_why_there_is_no
     config = CompareConfig(rounds=1, data={"dataset": "digits"}, deployment={"enabled": False})
     # Act: one round of the small arm from each, submitted as the flow submits an arm
     for run_key, app in (("provenance-checkout", APP_DIR), ("provenance-copy", copy)):
-        run_config = {**_run_config(config, mode="train", arm="small", model="logreg", run_key=run_key,
-                                    store_uri=store.uri, nodes=[]), **source_run_config(app)}
+        run_config = {**config.run_spec("small", arm="small", model="logreg", run_key=run_key, store_uri=store.uri,
+                                        nodes=[]).to_run_config(), **source_run_config(app)}
         run_id = submit_run(run_config, superlink, app=app)
         assert _wait_for(run_id, superlink, 600).completed, run_log(run_id, superlink)
     # Assert

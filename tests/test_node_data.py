@@ -18,7 +18,7 @@ from clients.node_data import (
     inspect_node_data,
     load_node_data,
 )
-from clients.run_config import ArmRunConfig
+from clients.spec import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,10 +43,10 @@ def write_images(root: Path, sizes: dict[str, list[tuple[int, int]]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def run_config() -> ArmRunConfig:
+def run_config() -> RunSpec:
     """Return the default run config on the digits dataset (64 features, 10 classes)."""
     table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    return ArmRunConfig.from_run_config({**table, "dataset": "digits", "model": "logreg"})
+    return RunSpec.from_run_config({**table, "dataset": "digits", "model": "logreg"})
 
 
 # ------------------------------------------------------------------------- formats
@@ -242,7 +242,7 @@ def digits_file(path: Path, *, classes: tuple[int, ...] = (3, 7), width: int = 6
     return path
 
 
-def test_a_node_with_data_path_splits_its_own_file(tmp_path: Path, run_config: ArmRunConfig) -> None:
+def test_a_node_with_data_path_splits_its_own_file(tmp_path: Path, run_config: RunSpec) -> None:
     from clients.node_tasks import local_splits, node_facts
 
     path = digits_file(tmp_path / "own.npz")
@@ -260,7 +260,7 @@ def test_a_node_with_data_path_splits_its_own_file(tmp_path: Path, run_config: A
     assert node_facts(dict(node_config)).partition_id == facts.partition_id  # stable across restarts
 
 
-def test_a_node_without_data_path_takes_its_partition(run_config: ArmRunConfig) -> None:
+def test_a_node_without_data_path_takes_its_partition(run_config: RunSpec) -> None:
     from clients.node_tasks import local_splits, node_facts
     from clients.data import node_data
 
@@ -275,7 +275,7 @@ def test_a_node_without_data_path_takes_its_partition(run_config: ArmRunConfig) 
         node_facts({"tier": "cpu"})
 
 
-def test_a_node_file_that_does_not_fit_the_run_is_refused(tmp_path: Path, run_config: ArmRunConfig) -> None:
+def test_a_node_file_that_does_not_fit_the_run_is_refused(tmp_path: Path, run_config: RunSpec) -> None:
     from clients.node_tasks import local_splits
 
     narrow = digits_file(tmp_path / "narrow.npz", width=60)
@@ -288,10 +288,8 @@ def test_a_node_file_that_does_not_fit_the_run_is_refused(tmp_path: Path, run_co
 
 
 def test_the_query_reply_of_a_data_path_node_holds_counts_only(
-    tmp_path: Path, run_config: ArmRunConfig, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, run_config: RunSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dataclasses import asdict
-
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -299,7 +297,7 @@ def test_the_query_reply_of_a_data_path_node_holds_counts_only(
 
     for name, value in {"_run_id": 1, "_node_id": 0, "_task_id": 1}.items():  # what a ClientApp process has set
         monkeypatch.setattr(TaskIdentity, name, value)
-    run = {k.replace("_", "-"): v for k, v in asdict(run_config).items()}
+    run = run_config.to_run_config()
     path = digits_file(tmp_path / "own.npz")
     context = Context(run_id=1, node_id=0, node_config={"data-path": str(path), "tier": "cpu", "device": "cpu"},
                       state=RecordDict(), run_config=run)

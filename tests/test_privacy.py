@@ -211,15 +211,14 @@ def test_report_keeps_every_accountant_input_and_epsilon_recomputes_within_one_p
 
 
 def test_each_private_run_trains_with_the_learning_rate_of_its_epsilon():
-    from flows.compare import _run_config
     from flows.report import privacy_rows
 
     config = CompareConfig.model_validate(json.loads(json.dumps({  # through JSON, as Prefect hands it over
         "large": {"model": "cnn", "learning_rate": 0.1, "dp_optimizer": "sgd", "learning_rate_by_epsilon": {1: 0.02}},
         "small": {"model": "torch-logreg", "learning_rate": 0.01},
         "privacy": {"mode": "sample-level", "epsilon_sweep": [1, 8], "compare_without_dp": True}})))
-    runs = {v.name: _run_config(config, mode="train", arm=v.name, model="cnn", run_key="k", store_uri="file:///s",
-                                nodes=[1], kind=v.kind, epsilon=v.epsilon)
+    runs = {v.name: config.run_spec(v.kind, arm=v.name, model="cnn" if v.kind == "large" else "torch-logreg",
+                                    run_key="k", store_uri="file:///s", nodes=[1], epsilon=v.epsilon).to_run_config()
             for group in plan_variants(config) for v in group}
 
     assert {name: run["learning-rate"] for name, run in runs.items()} == {

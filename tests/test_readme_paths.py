@@ -186,7 +186,7 @@ def test_the_flwr_run_example_trains_one_arm_without_prefect(stack, tmp_path):
 
     done = subprocess.run(
         [flwr, "run", ".", "local-stack", "--stream", "--run-config",
-         f'num-rounds=1 arm="small" model="logreg" dataset="digits" store-uri="{store}"'],
+         f'rounds=1 arm="small" model="logreg" dataset="digits" store-uri="{store}"'],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=_env({"FLWR_HOME": str(home)}))
 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

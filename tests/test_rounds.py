@@ -198,7 +198,7 @@ def test_client_level_dp_scales_the_noise_to_the_replies_it_averages():
 
 
 def test_the_flows_wait_for_an_arm_follows_the_round_policy():
-    from clients.run_config import longest_round_s
+    from clients.spec import longest_round_s
     from server.rounds import RoundPolicy
 
     policy = RoundPolicy(timeout_s=60.0, min_replies=1)

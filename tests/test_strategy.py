@@ -7,7 +7,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from server.strategy import RoundLog, serialized_bytes
+from server.strategy import RoundLog, recording_strategy, serialized_bytes
 
 
 def _content(*arrays: np.ndarray):
@@ -146,9 +146,21 @@ def test_an_unknown_aggregation_fails_naming_the_choices():
 def test_the_aggregation_names_agree_between_the_flow_the_run_config_and_the_server():
     from typing import get_args
 
-    from clients.run_config import AGGREGATIONS as RUN_CONFIG_AGGREGATIONS
+    from clients.spec import AGGREGATIONS as RUN_CONFIG_AGGREGATIONS
     from flows.config import ArmConfig
     from server.strategy import AGGREGATIONS
 
     flow_choices = list(get_args(ArmConfig.model_fields["aggregation"].annotation))
     assert list(AGGREGATIONS) == list(RUN_CONFIG_AGGREGATIONS) == flow_choices
+
+
+def test_krum_f_and_the_trimmed_share_are_settings_of_the_arm():
+    from clients.spec import ArmSpec
+
+    arm = ArmSpec(model="cnn", aggregation="trimmed-mean", trim_fraction=0.3, krum_byzantine=2)
+
+    trimmed = recording_strategy("trimmed-mean", trim_fraction=arm.trim_fraction, krum_byzantine=arm.krum_byzantine)
+    krum = recording_strategy("krum", trim_fraction=arm.trim_fraction, krum_byzantine=arm.krum_byzantine)
+
+    assert trimmed.beta == 0.3 and krum.num_malicious_nodes == 2
+    assert recording_strategy("trimmed-mean").beta == ArmSpec().trim_fraction == 0.2, "Flower's default stays ours"

@@ -51,14 +51,15 @@ def supervisor(tmp_path_factory: pytest.TempPathFactory):
         log.close()
 
 
-def _train_request(run_config: dict, node_config: dict, *, message_id: str, epochs: int = 1) -> dict:
+def _train_request(run_config: dict, node_config: dict, *, message_id: str, epochs: int = 1,
+                   batch_size: int = 16) -> dict:
     """Return a train task for the global model that ``run_config`` names, built here from its seed."""
     dataset = load_dataset(run_config["dataset"])
     model = build_model(run_config["model"], input_shape=dataset.input_shape, num_classes=dataset.num_classes,
                         seed=run_config["seed"], device="cpu")
+    run_config = {**run_config, "local-epochs": epochs, "batch-size": batch_size, "learning-rate": 0.05}
     return {"kind": "train", "run_config": run_config, "node_config": node_config, "message_id": message_id,
-            "arrays": model.get_arrays(),
-            "config": {"server-round": 1, "local-epochs": epochs, "batch-size": 16, "learning-rate": 0.05}}
+            "arrays": model.get_arrays(), "config": {"server-round": 1}}
 
 
 NODE = {"partition-id": 1, "num-partitions": 4, "tier": "cpu", "device": "cpu"}
@@ -146,7 +147,7 @@ def test_a_clientapp_that_goes_away_mid_message_frees_the_worker_at_once(supervi
     import multiprocessing.connection
 
     run_config = _run_config(dataset="digits", model="torch-logreg")
-    slow = _train_request(run_config, NODE, message_id="orphan", epochs=400)
+    slow = _train_request(run_config, NODE, message_id="orphan", epochs=100, batch_size=1)  # ~30,000 steps
     before = int(_warm.pid_path(supervisor).read_text())
     conn = multiprocessing.connection.Client(str(supervisor), family="AF_UNIX",
                                              authkey=_warm.key_path(supervisor).read_bytes())

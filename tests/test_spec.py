@@ -1,0 +1,144 @@
+"""The run spec (clients/spec.py): one definition of every setting, the flow and both apps reading it alike."""
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from clients.data import load_dataset
+from clients.spec import ArmSpec, RunSpec, run_config_defaults
+from flows.config import ArmConfig, CompareConfig, DataConfig, PrivacyConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def _arm(config: CompareConfig, kind: str = "small", **kwargs) -> RunSpec:
+    """Return the run spec the flow sends for arm ``kind`` of ``config``."""
+    model = {"large": "cnn", "small": "logreg"}[kind]
+    return config.run_spec(kind, arm=kind, model=kwargs.pop("model", model), run_key="k", store_uri="file:///tmp/s",
+                           nodes=kwargs.pop("nodes", [3, 4]), **kwargs)
+
+
+def test_the_pyproject_table_is_the_run_spec_defaults() -> None:
+    assert PYPROJECT == run_config_defaults(), "regenerate [tool.flwr.app.config] from RunSpec().to_run_config()"
+    assert RunSpec.from_run_config(PYPROJECT) == RunSpec()
+
+
+def test_the_flow_config_is_built_from_the_spec_models() -> None:
+    # every arm, privacy and data setting of the run spec is a field of the flow's config, with the same bounds
+    for flow_model, spec_model in ((ArmConfig, ArmSpec), (PrivacyConfig, RunSpec.model_fields["privacy"].annotation),
+                                   (DataConfig, RunSpec.model_fields["data"].annotation)):
+        assert issubclass(flow_model, spec_model)
+        for name, field in spec_model.model_fields.items():
+            assert flow_model.model_fields[name].metadata == field.metadata, name
+    with pytest.raises(ValidationError, match="large.local_epochs"):
+        CompareConfig.model_validate({"large": {"local_epochs": 0}})
+    with pytest.raises(ValueError, match="run config: local-epochs: Input should be greater than or equal to 1"):
+        RunSpec.from_run_config({**PYPROJECT, "local-epochs": 0})
+
+
+def test_a_run_spec_round_trips_through_the_flower_run_config() -> None:
+    config = CompareConfig.model_validate({"small": {"weight_decay": 0.001, "max_update_norm": 5.0},
+                                           "data": {"image_size": [16, 12]}})
+    spec = _arm(config)
+
+    run_config = spec.to_run_config()
+    parsed = RunSpec.from_run_config(run_config)
+
+    assert parsed == spec
+    assert run_config["nodes"] == "3,4" and run_config["image-size"] == "16x12" and run_config["weight-decay"] == 0.001
+    assert run_config["privacy-noise-multiplier"] == "", "an empty optional value travels as ''"
+    assert all(isinstance(v, (bool, int, float, str)) for v in run_config.values()), "Flower takes scalars only"
+    assert (parsed.training.learning_rate, parsed.rounds, parsed.nodes) == (config.small.learning_rate, config.rounds,
+                                                                          [3, 4])
+
+
+def test_unknown_or_missing_keys_and_bad_values_fail_in_one_line_naming_the_key() -> None:
+    with pytest.raises(ValueError, match=r"unknown keys \['extra'\], missing keys \[\]"):
+        RunSpec.from_run_config({**PYPROJECT, "extra": 1})
+    with pytest.raises(ValueError, match=r"missing keys \['seed'\]"):
+        RunSpec.from_run_config({k: v for k, v in PYPROJECT.items() if k != "seed"})
+    for change, message in [
+        ({"aggregation": "mean"}, "aggregation: Input should be 'fedavg', 'fedmedian', 'trimmed-mean' or 'krum'"),
+        ({"min-replies": 0}, "min-replies: Input should be greater than or equal to 1"),
+        ({"max-update-norm": -1.0}, "max-update-norm: Input should be greater than 0"),
+        ({"max-update-norm": float("nan")}, "max-update-norm: Input should be a finite number"),
+        ({"round-timeout-s": 0.0}, "round-timeout-s: Input should be greater than 0"),
+        ({"privacy-delta": 0.5}, "privacy-delta: Input should be less than 0.1"),
+        ({"image-size": "32"}, "image-size: .*HEIGHTxWIDTH"),
+        ({"model": "auto"}, "training.model: 'auto' is resolved by the flow"),
+        ({"trim-fraction": 0.5}, "trim-fraction: Input should be less than 0.5"),
+    ]:
+        with pytest.raises(ValueError) as caught:
+            RunSpec.from_run_config({**PYPROJECT, **change})
+        assert "\n" not in str(caught.value)
+        assert caught.match(message), (change, str(caught.value))
+
+
+@pytest.mark.parametrize(("config", "run_config"), [
+    ({"privacy": {"mode": "sample-level"}}, {"model": "logreg", "privacy-mode": "sample-level"}),
+    ({"small": {"model": "gnb"}, "privacy": {"mode": "sample-level"}}, {"model": "gnb", "privacy-mode": "sample-level"}),
+    ({"large": {"aggregation": "krum"}, "privacy": {"mode": "client-level"}},
+     {"aggregation": "krum", "privacy-mode": "client-level"}),
+    ({"small": {"model": "gnb", "weight_decay": 0.01}}, {"model": "gnb", "weight-decay": 0.01}),
+])
+def test_a_combination_the_flow_refuses_is_refused_by_the_apps_with_the_same_reason(config, run_config) -> None:
+    submitted = {**PYPROJECT, **run_config}  # `flwr run . --run-config ...`
+
+    with pytest.raises(ValidationError) as flow:
+        CompareConfig.model_validate(config)
+    with pytest.raises(ValueError) as app:
+        RunSpec.from_run_config(submitted)
+
+    reason = str(app.value).split(": ", 2)[2]  # after "run config: <field>: "
+    assert "\n" not in str(app.value)
+    assert reason in str(flow.value), (reason, str(flow.value))
+
+
+def test_each_arm_run_carries_its_own_round_rules_and_the_query_waits_for_the_most_patient_arm() -> None:
+    config = CompareConfig.model_validate(
+        {"large": {"aggregation": "fedmedian", "min_replies": 2, "max_update_norm": 25.0, "round_timeout_s": 90},
+         "small": {"aggregation": "krum", "krum_byzantine": 1, "round_timeout_s": 45}})
+
+    large, small = _arm(config, "large"), _arm(config, "small")
+    query = config.query_spec(run_key="k", store_uri="file:///tmp/s", federated_statistics=False)
+
+    assert (large.training.aggregation, large.training.min_replies, large.training.max_update_norm) == (
+        "fedmedian", 2, 25.0)
+    assert (small.training.aggregation, small.training.krum_byzantine, small.training.round_timeout_s) == (
+        "krum", 1, 45.0)
+    assert query.mode == "query" and query.training.round_timeout_s == 90.0
+
+
+def test_a_private_run_takes_its_epsilon_its_dp_optimizer_and_its_step() -> None:
+    config = CompareConfig.model_validate({
+        "large": {"model": "cnn", "learning_rate": 0.1, "dp_optimizer": "sgd", "learning_rate_by_epsilon": {1: 0.02}},
+        "privacy": {"mode": "sample-level", "arms": "large", "epsilon_sweep": [1, 8], "noise_multiplier": 1.5}})
+
+    private = _arm(config, "large", epsilon=1.0)
+    plain = _arm(config, "large")
+
+    assert (private.privacy.mode, private.privacy.target_epsilon, private.privacy.noise_multiplier) == (
+        "sample-level", 1.0, 1.5)
+    assert (private.training.optimizer, private.training.learning_rate) == ("sgd", 0.02)
+    assert (plain.privacy.mode, plain.training.optimizer, plain.training.learning_rate) == ("none", "adam", 0.1)
+
+
+def test_weight_decay_reaches_the_optimizer_of_torch_and_scikit_learn_models() -> None:
+    from clients.models import build_model
+
+    digits = load_dataset("digits")
+    for name in ("torch-logreg", "logreg"):
+        trained = {}
+        for decay in (None, 0.5):
+            model = build_model(name, input_shape=digits.input_shape, num_classes=digits.num_classes, seed=0,
+                                device="cpu")
+            model.fit(digits, epochs=2, batch_size=64, learning_rate=0.05, seed=0, weight_decay=decay)
+            trained[decay] = np.linalg.norm(np.concatenate([a.ravel() for a in model.get_arrays().values()]))
+        assert trained[0.5] < 0.7 * trained[None], (name, trained)
+    gnb = build_model("gnb", input_shape=digits.input_shape, num_classes=digits.num_classes, seed=0)
+    with pytest.raises(ValueError, match="no weights to decay"):
+        gnb.fit(digits, epochs=1, batch_size=32, learning_rate=0.1, seed=0, weight_decay=0.1)
