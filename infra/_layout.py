@@ -6,8 +6,10 @@ import hashlib
 import json
 from typing import Any, Mapping
 
-__all__ = ["arm_prefix", "config_hash", "deploy_prefix", "federation_key", "manifest_key", "plot_key",
-           "report_key", "round_prefix"]
+__all__ = ["META", "METRICS", "MODEL", "arm_prefix", "config_hash", "deploy_prefix", "federation_key", "manifest_key",
+           "plot_key", "report_key", "round_prefix"]
+
+MODEL, METRICS, META = "model.npz", "metrics.json", "checkpoint.json"  # a round's objects, under round_prefix
 
 
 def _check_name(what: str, value: str) -> str:

@@ -1,4 +1,6 @@
-"""Test ordering for `make test`, which runs two pytest-xdist workers (`-n 2 --dist loadfile`).
+"""What every test module shares: the order `make test` hands modules to its workers, and the S3 and store fixtures.
+
+Test ordering: `make test` runs two pytest-xdist workers (`-n 2 --dist loadfile`).
 
 The fault module and the integration module each drive their own local stack for many
 minutes, and much of that time is spent waiting (heartbeats, round timeouts, an outage
@@ -8,11 +10,27 @@ two workers first, so that they run side by side and the short modules fill in b
 (`--dist loadgroup` would say this with marks, but xdist 3.8 groups by rewriting a node id
 attribute that pytest 9 no longer reads.) Without xdist the order changes nothing a test
 relies on.
+
+Fixtures of the store and checkpoint tests (tests/test_store*.py, tests/test_checkpoint*.py):
+one moto S3 server per session, a fresh bucket per test, an empty store of each backend, and a
+TCP proxy in front of the S3 server that a test stops to inject an outage. A module that
+defines a fixture of the same name uses its own.
 """
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
 import pytest
+
+from infra.store import Store, open_store
+from tests.s3server import ACCESS, SECRET, running_s3_server
+from tests.tcpproxy import TcpProxy
+
+pytest.register_assert_rewrite("tests.store_helpers")  # its shared asserts explain a failure as a test's do
 
 _FIRST = ("test_faults.py", "test_integration.py")  # longest first
 
@@ -21,3 +39,45 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Move the stack modules to the front, in the order of _FIRST."""
     rank = {name: i for i, name in enumerate(_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(_FIRST)))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Run one moto S3 server for the session and yield its endpoint URL."""
+    with running_s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point the FEDCOMPARE_S3_* environment at the test server and return a fresh bucket name."""
+    monkeypatch.setenv("FEDCOMPARE_S3_ENDPOINT", s3_server)
+    monkeypatch.setenv("FEDCOMPARE_S3_ACCESS_KEY", ACCESS)
+    monkeypatch.setenv("FEDCOMPARE_S3_SECRET_KEY", SECRET)
+    monkeypatch.delenv("FEDCOMPARE_S3_SECURE", raising=False)
+    monkeypatch.delenv("FEDCOMPARE_S3_REGION", raising=False)
+    return f"fc-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """Return an empty store of each backend (S3 with a prefix inside a fresh bucket)."""
+    if request.param == "local":
+        return open_store(str(tmp_path / "store"))
+    bucket = request.getfixturevalue("s3_env")
+    return open_store(f"s3://{bucket}/team/fedcompare")
+
+
+@pytest.fixture
+def proxy(s3_server: str) -> Iterator[TcpProxy]:
+    """Run a TCP proxy in front of the session's S3 server: stopping it injects an outage."""
+    parts = urlsplit(s3_server)
+    with TcpProxy(parts.hostname, parts.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxied_env(proxy: TcpProxy, s3_env: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point FEDCOMPARE_S3_ENDPOINT at the proxy and return a fresh bucket name."""
+    monkeypatch.setenv("FEDCOMPARE_S3_ENDPOINT", proxy.endpoint)
+    return s3_env

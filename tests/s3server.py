@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 HOST = "127.0.0.1"
+ACCESS = "test-access"  # the credentials the tests hand the server (moto accepts any)
+SECRET = "test-secret-do-not-print"
 
 
 def free_port() -> int:

@@ -7,8 +7,8 @@ import subprocess
 import sys
 import time
 
-from infra.stack import (FLWR_LAUNCHERS, Service, StackSettings, _log_file, _log_since_start, _start, down, flower_path,
-                         running_pid)
+from infra._stack_processes import log_file, log_since_start, start
+from infra.stack import FLWR_LAUNCHERS, Service, StackSettings, down, flower_path, running_pid
 
 
 def test_readiness_reads_only_what_the_current_process_logged(tmp_path, monkeypatch):
@@ -17,18 +17,18 @@ def test_readiness_reads_only_what_the_current_process_logged(tmp_path, monkeypa
                                          "import time; time.sleep(0.5); print('started!', flush=True); time.sleep(60)"],
                       address="-", port=None)
     monkeypatch.setattr("infra.stack.services", lambda _: [service])
-    log = _log_file(settings, service.name)
+    log = log_file(settings, service.name)
     log.parent.mkdir(parents=True)
     log.write_text("Worker 'old' started!\n" + "a flow run's output\n" * 1000)
 
-    pid = _start(settings, service)
+    pid = start(settings, service)
     try:
-        assert "started!" not in _log_since_start(settings, service.name)
+        assert "started!" not in log_since_start(settings, service.name)
         deadline = time.monotonic() + 20
-        while "started!" not in _log_since_start(settings, service.name):
+        while "started!" not in log_since_start(settings, service.name):
             assert time.monotonic() < deadline, "the new process's line never showed"
             time.sleep(0.1)
-        assert _start(settings, service) == pid, "a running service is not started twice"
+        assert start(settings, service) == pid, "a running service is not started twice"
     finally:
         assert down(settings) == ["prefect-worker"]
     assert running_pid(settings, service.name) is None
