@@ -36,7 +36,8 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.compare import _run_config, resolve_models  # noqa: E402
+from flows.following import run_config as _run_config  # noqa: E402
+from flows.preparation import resolve_models  # noqa: E402
 from flows.config import CompareConfig  # noqa: E402
 from flows.demo import follow_flow_run  # noqa: E402
 from flows.flower import run_status, submit_run  # noqa: E402
@@ -138,7 +139,7 @@ def main() -> int:
     if "bare" in cases:
         with tempfile.TemporaryDirectory() as folder:
             out = Path(folder) / "bare.json"
-            _wait(submit_run({"num-rounds": args.rounds, "out": str(out)}, settings.superlink, app=BARE_APP),
+            _wait(submit_run({"rounds": args.rounds, "out": str(out)}, settings.superlink, app=BARE_APP),
                   settings.superlink)
             walls = json.loads(out.read_text())["round_wall_s"]
         bare_median = statistics.median(walls)
@@ -150,9 +151,8 @@ def main() -> int:
         if arm not in cases:
             continue
         run_key = f"e2e-{uuid.uuid4().hex[:8]}"
-        run_config = _run_config(config, mode="train", arm=arm, model=models[arm], run_key=run_key,
-                                 store_uri=store.uri, nodes=[])
-        _wait(submit_run(run_config, settings.superlink), settings.superlink)
+        spec = config.run_spec(arm, arm=arm, model=models[arm], run_key=run_key, store_uri=store.uri, nodes=[])
+        _wait(submit_run(_run_config(spec), settings.superlink), settings.superlink)
         result[arm] = {"model": models[arm], **_arm_figures(_rounds(store, run_key, arm), bare_median)}
         console.print(f"{arm}: {result[arm]}")
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -20,231 +17,20 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 
 from clients.centralized import train_centralized
-from clients.data import Dataset, load_dataset
-from clients.preprocess import PreprocessingError, build_spec, describe, prepare
-from clients.spec import RunSpec, longest_round_s
-from clients.models import TORCH_MODELS, estimate_training_memory_bytes, resolve_large_model
+from clients.spec import longest_round_s
 from flows.assignment import assign_nodes, node_table
 from flows.config import CompareConfig, resolve_store_uri, resolve_superlink
 from flows.deployment import calibration_source, deploy_arm, deployment_data, price_deployment
-from flows.flower import FlowerError, run_log, run_status, source_run_config, stop_run, submit_run
+from flows.following import run_failed, submit, wait_for
+from flows.flower import stop_run
 from flows.plots import data_uri, report_plots
-from flows.report import build_report, model_size, render_markdown, summarize_arm, summary_rows
-from infra.checkpoints import (
-    federation_key, load_latest, plot_key, read_manifest, report_key, round_metrics,
+from flows.preparation import (
+    ARMS, Variant, arm_model, check_privacy, data_kwargs, discover_nodes, large_need_bytes, plan_variants,
+    prepared_dataset, resolve_models, resolve_preprocessing,
 )
+from flows.report import build_report, model_size, render_markdown, summarize_arm, summary_rows
+from infra.checkpoints import load_latest, plot_key, read_manifest, report_key, round_metrics
 from infra.store import StoreError, open_store
-
-ARMS = ("large", "small")
-_POLL_S = 1.0  # store reads while following a run
-_STATUS_POLL_S = 5.0  # run status reads (Flower's Control API) while following a run
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One arm of the comparison: a kind of model (large or small), private at ``epsilon`` or not (None)."""
-
-    name: str
-    kind: str
-    epsilon: float | None = None
-
-
-def plan_variants(config: CompareConfig) -> list[list[Variant]]:
-    """Return the arms to train, in groups: the arms of one group train side by side, groups one after another.
-
-    Without privacy: one group, ``large`` and ``small``. With privacy: the arms without DP
-    (kinds privacy does not cover, and every kind when ``compare_without_dp``) first, then
-    one group per ε of the sweep with the private arms, named ``<kind>-eps<ε>``.
-    """
-    privacy = config.privacy
-    plain = [Variant(kind, kind) for kind in ARMS if not privacy.covers(kind) or privacy.compare_without_dp]
-    groups = [plain] if plain else []
-    for eps in privacy.epsilons if privacy.mode != "none" else []:
-        groups.append([Variant(f"{kind}-eps{eps:g}", kind, eps) for kind in ARMS if privacy.covers(kind)])
-    return groups
-
-
-def _run_config(spec: RunSpec) -> dict[str, Any]:
-    """Return the Flower run config of ``spec``, with the git commit of the checkout the app is submitted from."""
-    return {**spec.to_run_config(), **source_run_config()}
-
-
-def _data_kwargs(config: CompareConfig) -> dict[str, Any]:
-    """Return the partitioning arguments that `clients.data` takes for this config."""
-    return config.data.partition_kwargs(config.seed)
-
-
-def _wait_for(run_id: int, superlink: str, timeout_s: float, *, on_poll=None, looks_done=None):
-    """Wait until Flower run ``run_id`` ends and return its final status.
-
-    The status is read every ``_STATUS_POLL_S`` (a few milliseconds in-process; a `flwr ls`
-    process, 1.3 s of CPU, only when that fails); ``on_poll()`` (cheap store reads) runs
-    every ``_POLL_S``, and once ``looks_done()`` says the store holds everything the run
-    writes, the status is read every poll.
-    """
-    deadline = time.monotonic() + timeout_s
-    next_status = 0.0
-    while True:
-        if on_poll:
-            on_poll()
-        now = time.monotonic()
-        if now >= next_status or (looks_done and looks_done()):
-            status = run_status(run_id, superlink)
-            if status.finished:
-                return status
-            next_status = now + _STATUS_POLL_S
-        if now > deadline:
-            stop_run(run_id, superlink)
-            raise TimeoutError(f"Flower run {run_id} did not finish within {timeout_s:.0f} s; it was stopped")
-        time.sleep(_POLL_S)
-
-
-def _exists(store, key: str) -> bool:
-    """Return whether ``key`` is in the store; an unreachable store counts as not yet (the run's status decides)."""
-    try:
-        return store.exists(key)
-    except StoreError:
-        return False
-
-
-def _failed(what: str, run_id: int, status: str, superlink: str) -> RuntimeError:
-    """Build the error for a Flower run that ended badly, with the end of its log."""
-    tail = run_log(run_id, superlink, tail=25)
-    return RuntimeError(f"{what} (Flower run {run_id}) ended {status}. Last lines of its log:\n{tail}")
-
-
-_ANY_EPSILON = 1.0  # ArmConfig.model_at(ε) is the same model for every ε
-
-
-@task(name="resolve-models")
-def resolve_models(config: CompareConfig) -> dict[str, str]:
-    """Load the dataset once to check it and resolve each arm's model, and its private runs' model ("large-dp")."""
-    try:
-        dataset = _raw(config)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"data.dataset: {exc}") from None
-    models = {}
-    for kind in ARMS:
-        arm = getattr(config, kind)
-        for key, name in ((kind, arm.model), (f"{kind}-dp", arm.model_at(_ANY_EPSILON))):
-            models[key] = resolve_large_model(name, dataset.kind) if kind == "large" else name
-    return models
-
-
-def _model(models: dict[str, str], kind: str, epsilon: float | None) -> str:
-    """Return the resolved model of arm ``kind``'s run (private at ``epsilon``, or without DP for None)."""
-    return models[kind if epsilon is None else f"{kind}-dp"]
-
-
-@task(name="discover-nodes")
-def discover_nodes(config: CompareConfig, run_key: str, store_uri: str, superlink: str) -> dict[str, Any]:
-    """Ask every node of the federation for its tier, device and number of examples."""
-    logger = get_run_logger()
-    spec = config.query_spec(run_key=run_key, store_uri=store_uri,
-                             federated_statistics=_preprocessing_mode(config) == "federated")
-    run_id = submit_run(_run_config(spec), superlink)
-    store = open_store(store_uri)
-    status = _wait_for(run_id, superlink, spec.training.round_timeout_s + 120,
-                       looks_done=lambda: _exists(store, federation_key(run_key)))
-    if not status.completed:
-        raise _failed("the node query", run_id, status.status, superlink)
-    answer = store.get_json(federation_key(run_key))
-    if "preprocessing_error" in answer:
-        raise ValueError(f"data.preprocessing: {answer['preprocessing_error']}")
-    for node in answer["nodes"]:
-        logger.info("node %s: tier %s, device %s, partition %s, %s train / %s test examples",
-                    node["node_id"], node["tier"], node["device"], node["partition-id"],
-                    node["num-train"], node["num-test"])
-    if not answer["nodes"]:
-        raise RuntimeError(f"no SuperNode answered at {superlink}: start nodes with `fedcompare up`")
-    return answer
-
-
-@task(name="preprocessing")
-def resolve_preprocessing(config: CompareConfig, federation: dict[str, Any]) -> dict[str, Any] | None:
-    """Return the spec every node, the server and the references apply: built from the nodes' statistics, or fixed."""
-    data = config.data
-    mode = _preprocessing_mode(config)
-    if mode == "none":
-        if _raw(config).raw:
-            raise ValueError(f"data.preprocessing: {mode!r} (features as loaded) cannot train on {data.dataset!r}, "
-                             "which has text or empty cells: give data.preprocessing a fixed spec"
-                             + ("" if config.privacy.mode != "none" else " or 'federated'"))
-        if data.preprocessing == "auto" and config.privacy.mode != "none" and data.dataset.lower().endswith(".csv"):
-            get_run_logger().warning("data.preprocessing 'auto' under privacy: the table trains as loaded, unscaled "
-                                     "(federated statistics would not be covered by ε); give a fixed spec to scale it")
-        return None
-    if mode == "fixed":
-        spec = {**data.preprocessing, "source": "fixed"}
-    elif "preprocessing_stats" not in federation:  # images: scaled at load, no statistics
-        return None
-    else:
-        spec = build_spec(federation["preprocessing_stats"], max_categories=data.max_categories,
-                          rare_fraction=data.rare_category_fraction)
-    try:
-        prepare(_raw(config), spec)  # the server's data must fit it too
-    except PreprocessingError as err:
-        raise ValueError(f"data.preprocessing: {err}") from None
-    get_run_logger().info("preprocessing (%s): %s", spec["source"], "; ".join(
-        f"{row['column']}: {row['transform']}" for row in describe(spec)))
-    return spec
-
-
-def _preprocessing_mode(config: CompareConfig) -> str:
-    """Return how the run's tables become features: federated, none or fixed ("auto" resolved)."""
-    return config.data.preprocessing_mode(private=config.privacy.mode != "none")
-
-
-def _raw(config: CompareConfig) -> Dataset:
-    """Load the run's dataset as the nodes do, before preprocessing."""
-    data = config.data
-    return load_dataset(data.dataset, label_column=data.label_column, image_size=data.image_size,
-                        partition_by=data.partition_by)
-
-
-def _prepared(config: CompareConfig, spec: dict[str, Any] | None) -> Dataset:
-    """Return the run's dataset as the models see it: the preprocessing spec applied."""
-    return prepare(_raw(config), spec)
-
-
-def check_privacy(config: CompareConfig, variants: list[Variant], nodes: list[dict[str, Any]],
-                  assignment: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
-    """Plan every private arm on the nodes' real example counts; fail before training if a target cannot be met.
-
-    Returns arm name -> {"noise_multiplier": per node id (sample-level) or for the arm}.
-
-    Raises:
-        ValueError: one line naming the arm, the node and the value to change.
-    """
-    from privacy.accounting import PrivacyInfeasible, plan_client_level, plan_sample_level
-
-    privacy = config.privacy
-    by_id = {n["node_id"]: n for n in nodes}
-    plans: dict[str, dict[str, Any]] = {}
-    for variant in (v for v in variants if v.epsilon is not None):
-        arm_config = getattr(config, variant.kind)
-        common = {"target_epsilon": variant.epsilon, "delta": privacy.delta, "accountant": privacy.accountant,
-                  "noise_multiplier": privacy.noise_multiplier}
-        try:
-            if privacy.mode == "sample-level":
-                plans[variant.name] = {"noise_multiplier": {
-                    node: plan_sample_level(
-                        num_examples=int(by_id[node]["num-train"]), batch_size=arm_config.batch_size,
-                        local_epochs=arm_config.local_epochs, rounds=config.rounds,
-                        max_grad_norm=privacy.max_grad_norm, who=f"node {node}", **common,
-                    ).noise_multiplier
-                    for node in assignment[variant.kind]
-                }}
-            else:
-                nodes_of_arm = len(assignment[variant.kind])
-                plans[variant.name] = {"noise_multiplier": plan_client_level(
-                    num_nodes=nodes_of_arm, sampled_nodes=nodes_of_arm, rounds=config.rounds,
-                    clipping_norm=privacy.max_grad_norm, **common,
-                ).noise_multiplier}
-        except PrivacyInfeasible as exc:
-            raise ValueError(f"privacy ({variant.name} arm, ε={variant.epsilon:g}): {exc}") from None
-    return plans
-
 
 @task(name="train-arm", task_run_name="train-{arm}")
 def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run_key: str,
@@ -262,7 +48,7 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
     spec = config.run_spec(kind or arm, arm=arm, model=model, run_key=run_key, store_uri=store_uri, nodes=nodes,
                            epsilon=epsilon, preprocessing=preprocessing)
     started = time.monotonic()
-    run_id = submit_run(_run_config(spec), superlink)
+    run_id = submit(spec, superlink)
     logger.info("%s arm: Flower run %s submitted (%s on nodes %s%s)", arm, run_id, model, nodes,
                 f", resuming after round {seen}" if seen else "")
 
@@ -305,13 +91,13 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
     try:
         # the round policy's training attempts and the evaluation, each within the arm's round timeout
         round_limit_s = longest_round_s(getattr(config, kind or arm).round_timeout_s)
-        status = _wait_for(run_id, superlink, config.rounds * round_limit_s + 300,
+        status = wait_for(run_id, superlink, config.rounds * round_limit_s + 300,
                            on_poll=mirror_rounds, looks_done=lambda: seen >= config.rounds)
     except BaseException:
         stop_run(run_id, superlink)
         raise
     if not status.completed:
-        raise _failed(f"the {arm} arm", run_id, status.status, superlink)
+        raise run_failed(f"the {arm} arm", run_id, status.status, superlink)
     mirror_rounds(strict=True)
     if seen != config.rounds:
         raise RuntimeError(f"the {arm} arm finished with {seen} of {config.rounds} rounds in the store")
@@ -332,13 +118,13 @@ def train_reference(arm: str, model: str, partition_ids: list[int], num_partitio
     privacy = config.privacy
     dp = None if epsilon is None else {"target_epsilon": epsilon, "delta": privacy.delta,
                                        "max_grad_norm": privacy.max_grad_norm, "accountant": privacy.accountant}
-    dataset = _prepared(config, preprocessing)
+    dataset = prepared_dataset(config, preprocessing)
     result = train_centralized(
         dataset, model_name=model, partition_ids=tuple(partition_ids), num_partitions=num_partitions,
         epochs=config.rounds * arm_config.local_epochs, batch_size=arm_config.batch_size,
         learning_rate=arm_config.learning_rate_at(epsilon), optimizer=arm_config.optimizer_at(epsilon),
         weight_decay=arm_config.weight_decay, seed=config.seed,
-        data_kwargs=_data_kwargs(config), dp=dp,
+        data_kwargs=data_kwargs(config), dp=dp,
     )
     get_run_logger().info("%s central reference%s: accuracy %.4f after %d epochs on %d examples", arm,
                           f" (DP-SGD, ε={result['privacy']['epsilon']:.3f})" if dp else "",
@@ -365,10 +151,10 @@ def deploy(arm: str, config: CompareConfig, run_key: str, store_uri: str, partit
 
     ``partition_ids`` None: the nodes' data cannot be pooled (no int8 calibration data).
     """
-    dataset = _prepared(config, preprocessing)
+    dataset = prepared_dataset(config, preprocessing)
     test, calibration = deployment_data(dataset, partition_ids=partition_ids, num_partitions=num_partitions,
                                         private=private, examples=config.deployment.calibration_examples,
-                                        data_kwargs=_data_kwargs(config))
+                                        data_kwargs=data_kwargs(config))
     document = deploy_arm(open_store(store_uri), run_key, arm, dataset=dataset, test=test, calibration_x=calibration,
                           calibration=calibration_source(private=private, pooled=partition_ids is not None),
                           settings=config.deployment, preprocessing=preprocessing)
@@ -430,29 +216,6 @@ def publish_report(config: CompareConfig, run_key: str, store_uri: str, federati
                           description="per-arm summary of the comparison")
     return report
 
-
-def _large_need_bytes(config: CompareConfig, models: dict[str, str], spec: dict[str, Any] | None) -> int:
-    """Estimate the tensor bytes one training step of the large arm holds (0: no estimate needed or possible)."""
-    if config.assignment != "by-tier":
-        return 0
-    privacy = config.privacy
-    runs = [None] if not privacy.covers("large") or privacy.compare_without_dp else []
-    runs += [_ANY_EPSILON] if privacy.covers("large") else []
-    need = 0
-    dataset = None
-    for epsilon in runs:  # the larger need of the arm's runs without and with DP
-        model = _model(models, "large", epsilon)
-        if model not in TORCH_MODELS:
-            continue
-        dataset = dataset or _prepared(config, spec)
-        need = max(need, estimate_training_memory_bytes(
-            model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-            batch_size=config.large.batch_size, private=epsilon is not None and privacy.mode == "sample-level",
-            optimizer=config.large.optimizer_at(epsilon),
-        ))
-    return need
-
-
 def _references(config: CompareConfig, models: dict[str, str], nodes: list[dict[str, Any]],
                 assignment: dict[str, list[int]], variants: list[Variant],
                 spec: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -470,7 +233,7 @@ def _references(config: CompareConfig, models: dict[str, str], nodes: list[dict[
     plain = {kind: reference(kind, kind, None, models[kind]) for kind in ARMS}
     references = {}
     for v in variants:
-        model = _model(models, v.kind, v.epsilon)
+        model = arm_model(models, v.kind, v.epsilon)
         if v.epsilon is not None and config.privacy.mode == "sample-level":
             references[v.name] = reference(v.name, v.kind, v.epsilon, model)  # DP-SGD at the same ε, pooled
         elif model == models[v.kind]:
@@ -496,7 +259,7 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
     spec = resolve_preprocessing(config, federation)
     federation = {**federation, "preprocessing": spec}  # the report describes it; checkpoints hold it in their config
     placed = assign_nodes(federation["nodes"], config.assignment,
-                          large_need_bytes=_large_need_bytes(config, models, spec),
+                          large_need_bytes=large_need_bytes(config, models, spec),
                           small_on_gpu_nodes=config.small_on_gpu_nodes)
     assignment = placed.nodes
     logger.info("assignment (%s): %s", config.assignment, assignment)
@@ -513,7 +276,7 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
     retrying = train_arm.with_options(retries=config.arm_retries, retry_delay_seconds=5)
     arms: dict[str, dict[str, Any]] = {}
     for group in groups:
-        futures = {v.name: retrying.submit(v.name, _model(models, v.kind, v.epsilon), assignment[v.kind], config,
+        futures = {v.name: retrying.submit(v.name, arm_model(models, v.kind, v.epsilon), assignment[v.kind], config,
                                            run_key, store_uri, superlink, kind=v.kind, epsilon=v.epsilon,
                                            preprocessing=spec)
                    for v in group}

@@ -129,9 +129,9 @@ def run_demo(settings: StackSettings, *, overrides: dict, timeout_s: float, depl
     ``overrides`` is the whole CompareConfig to run (the deployment's own settings merged in);
     the progress and the report are read from the store that config names (``store_uri``).
     """
-    # first: Prefect reads its settings (the stack's API URL) when it is imported, and flows.compare imports it
+    # first: Prefect reads its settings (the stack's API URL) when it is imported, and flows.preparation imports it
     os.environ.update({k: v for k, v in settings.env().items() if k.startswith(("PREFECT_", "FEDCOMPARE_"))})
-    from flows.compare import plan_variants
+    from flows.preparation import plan_variants
 
     console = Console()
     config = CompareConfig.model_validate(overrides)

@@ -26,7 +26,7 @@ import pytest
 
 from clients.data import central_test, load_dataset
 from clients.models import build_model
-from flows.compare import _wait_for
+from flows.following import wait_for as _wait_for
 from flows.config import CompareConfig
 from flows.flower import APP_DIR, build_fab, run_log, source_run_config, submit_run
 from infra.checkpoints import load_latest, load_round, read_checkpoint, read_manifest, report_key, round_metrics

@@ -170,7 +170,7 @@ def test_a_table_with_text_cells_concatenates_with_one_without() -> None:
 
 
 def test_the_flow_refuses_to_train_a_table_with_text_cells_as_loaded(tmp_path: Path) -> None:
-    from flows.compare import resolve_preprocessing
+    from flows.preparation import resolve_preprocessing
     from flows.config import CompareConfig
 
     table = write_wine(tmp_path / "wine.csv", categorical=True)

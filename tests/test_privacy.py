@@ -12,7 +12,7 @@ from torch import nn
 
 from clients.data import load_dataset, node_data
 from clients.models import build_model
-from flows.compare import Variant, check_privacy, plan_variants
+from flows.preparation import Variant, check_privacy, plan_variants
 from flows.config import CompareConfig
 from flows.report import privacy_summary
 from privacy.accounting import Mechanism, PrivacyInfeasible, epsilon, plan_client_level, plan_sample_level
@@ -248,7 +248,7 @@ def test_a_learning_rate_for_an_epsilon_no_run_uses_is_noted_not_refused():
 
 
 def test_the_private_preset_can_be_narrowed_to_fewer_epsilons():
-    from flows.compare import plan_variants
+    from flows.preparation import plan_variants
     from flows.config import deployment_config, parse_overrides
 
     overrides = parse_overrides('{"privacy": {"epsilon_sweep": [3, 8]}}', base=deployment_config("private"))
@@ -266,7 +266,7 @@ def test_the_private_preset_can_be_narrowed_to_fewer_epsilons():
 
 def test_an_arm_can_train_a_more_compact_model_under_dp():
     from clients.models import estimate_training_memory_bytes
-    from flows.compare import _large_need_bytes, _model, resolve_models
+    from flows.preparation import arm_model as _model, large_need_bytes as _large_need_bytes, resolve_models
 
     settings = {"large": {"model": "auto", "learning_rate": 1e-3, "dp_model": "cnn-dp", "dp_optimizer": "sgd"},
                 "small": {"model": "torch-logreg", "learning_rate": 0.01},

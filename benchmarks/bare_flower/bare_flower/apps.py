@@ -23,7 +23,7 @@ def train(msg: Message, context: Context) -> Message:
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the rounds over every connected node and write each round's wall seconds to `out`."""
-    rounds, out = int(context.run_config["num-rounds"]), str(context.run_config["out"])
+    rounds, out = int(context.run_config["rounds"]), str(context.run_config["out"])
     arrays = ArrayRecord([np.zeros(1000, dtype=np.float32)])
     nodes: list[int] = []
     while not nodes:
