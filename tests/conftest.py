@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from infra.certs import create_certificates
 from infra.store import Store, open_store
 from tests.s3server import ACCESS, SECRET, running_s3_server
 from tests.tcpproxy import TcpProxy
@@ -81,3 +82,13 @@ def proxied_env(proxy: TcpProxy, s3_env: str, monkeypatch: pytest.MonkeyPatch) -
     """Point FEDCOMPARE_S3_ENDPOINT at the proxy and return a fresh bucket name."""
     monkeypatch.setenv("FEDCOMPARE_S3_ENDPOINT", proxy.endpoint)
     return s3_env
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a SuperLink certificate for coord.example/10.0.0.1 and keys for nodes site_a and site_b."""
+    out = tmp_path_factory.mktemp("certs")
+    create_certificates(out, server_names=["coord.example"], server_ips=["10.0.0.1"], nodes=["site_a", "site_b"])
+    return out
+
+
