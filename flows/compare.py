@@ -25,7 +25,7 @@ from flows.following import run_failed, submit, wait_for
 from flows.flower import stop_run
 from flows.plots import data_uri, report_plots
 from flows.preparation import (
-    ARMS, Variant, arm_model, check_privacy, data_kwargs, discover_nodes, large_need_bytes, plan_variants,
+    Variant, arm_model, check_privacy, data_kwargs, discover_nodes, large_need_bytes, plan_variants,
     prepared_dataset, resolve_models, resolve_preprocessing,
 )
 from flows.report import build_report, model_size, render_markdown, summarize_arm, summary_rows
@@ -34,7 +34,7 @@ from infra.store import StoreError, open_store
 
 @task(name="train-arm", task_run_name="train-{arm}")
 def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run_key: str,
-              store_uri: str, superlink: str, kind: str | None = None,
+              store_uri: str, superlink: str, base: str | None = None,
               epsilon: float | None = None, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Submit one arm's Flower run, mirror its rounds into Prefect, and wait for it to end."""
     logger = get_run_logger()
@@ -45,7 +45,7 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
         progress=100.0 * seen / config.rounds, key=f"progress-{arm}",
         description=f"{arm} arm ({model}): rounds completed",
     )
-    spec = config.run_spec(kind or arm, arm=arm, model=model, run_key=run_key, store_uri=store_uri, nodes=nodes,
+    spec = config.run_spec(base or arm, arm=arm, model=model, run_key=run_key, store_uri=store_uri, nodes=nodes,
                            epsilon=epsilon, preprocessing=preprocessing)
     started = time.monotonic()
     run_id = submit(spec, superlink)
@@ -90,7 +90,7 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
 
     try:
         # the round policy's training attempts and the evaluation, each within the arm's round timeout
-        round_limit_s = longest_round_s(getattr(config, kind or arm).round_timeout_s)
+        round_limit_s = longest_round_s(config.arm(base or arm).round_timeout_s)
         status = wait_for(run_id, superlink, config.rounds * round_limit_s + 300,
                            on_poll=mirror_rounds, looks_done=lambda: seen >= config.rounds)
     except BaseException:
@@ -107,14 +107,14 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
 
 @task(name="train-reference", task_run_name="reference-{arm}")
 def train_reference(arm: str, model: str, partition_ids: list[int], num_partitions: int,
-                    config: CompareConfig, kind: str | None = None,
+                    config: CompareConfig, base: str | None = None,
                     epsilon: float | None = None, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the arm's model centrally on its nodes' pooled training data, as a labelled reference.
 
     With ``epsilon`` the reference trains with DP-SGD at that ε (over all its epochs) on
     the pooled data: what the same privacy would cost without federation.
     """
-    arm_config = getattr(config, kind or arm)
+    arm_config = config.arm(base or arm)
     privacy = config.privacy
     dp = None if epsilon is None else {"target_epsilon": epsilon, "delta": privacy.delta,
                                        "max_grad_norm": privacy.max_grad_norm, "accountant": privacy.accountant}
@@ -196,6 +196,7 @@ def publish_report(config: CompareConfig, run_key: str, store_uri: str, federati
                 target_accuracy=config.target_accuracy, cost=config.cost,
             ),
             "kind": result["kind"],
+            "base": result["base"],
             "flower_run_id": result["flower_run_id"],
         }
         if arm in (deployments or {}):
@@ -226,20 +227,22 @@ def _references(config: CompareConfig, models: dict[str, str], nodes: list[dict[
     partitions = {n["node_id"]: n["partition-id"] for n in nodes}
     num_partitions = nodes[0]["num-partitions"]
 
-    def reference(name: str, kind: str, epsilon: float | None, model: str) -> dict[str, Any]:
-        return train_reference(name, model, sorted(partitions[n] for n in assignment[kind]), num_partitions,
-                               config, kind=kind, epsilon=epsilon, preprocessing=spec)
+    def reference(name: str, v: Variant, epsilon: float | None, model: str) -> dict[str, Any]:
+        return train_reference(name, model, sorted(partitions[n] for n in assignment[v.kind]), num_partitions,
+                               config, base=v.arm, epsilon=epsilon, preprocessing=spec)
 
-    plain = {kind: reference(kind, kind, None, models[kind]) for kind in ARMS}
+    plain: dict[str, dict[str, Any]] = {}  # arm -> its reference without DP, trained once
     references = {}
     for v in variants:
-        model = arm_model(models, v.kind, v.epsilon)
+        model = arm_model(models, v.arm, v.epsilon)
         if v.epsilon is not None and config.privacy.mode == "sample-level":
-            references[v.name] = reference(v.name, v.kind, v.epsilon, model)  # DP-SGD at the same ε, pooled
-        elif model == models[v.kind]:
-            references[v.name] = plain[v.kind]
+            references[v.name] = reference(v.name, v, v.epsilon, model)  # DP-SGD at the same ε, pooled
+        elif model == models[v.arm]:
+            if v.arm not in plain:
+                plain[v.arm] = reference(v.arm, v, None, model)
+            references[v.name] = plain[v.arm]
         else:  # client-level DP of the arm's private model: that model without DP (no central counterpart)
-            references[v.name] = reference(v.name, v.kind, None, model)
+            references[v.name] = reference(v.name, v, None, model)
     return references
 
 
@@ -276,11 +279,11 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
     retrying = train_arm.with_options(retries=config.arm_retries, retry_delay_seconds=5)
     arms: dict[str, dict[str, Any]] = {}
     for group in groups:
-        futures = {v.name: retrying.submit(v.name, arm_model(models, v.kind, v.epsilon), assignment[v.kind], config,
-                                           run_key, store_uri, superlink, kind=v.kind, epsilon=v.epsilon,
+        futures = {v.name: retrying.submit(v.name, arm_model(models, v.arm, v.epsilon), assignment[v.kind], config,
+                                           run_key, store_uri, superlink, base=v.arm, epsilon=v.epsilon,
                                            preprocessing=spec)
                    for v in group}
-        arms.update({v.name: {**futures[v.name].result(), "kind": v.kind} for v in group})
+        arms.update({v.name: {**futures[v.name].result(), "kind": v.kind, "base": v.arm} for v in group})
 
     references = _references(config, models, federation["nodes"], assignment, variants, spec)
     deployments = _deploy_all(config, run_key, store_uri, federation["nodes"], assignment, variants, spec)

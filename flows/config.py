@@ -6,188 +6,22 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from clients import models as zoo
-from clients.preprocess import PreprocessingError, check_spec
 from clients.spec import (
-    FEDERATED, ArmSpec, CommonSpec, DataSpec, PrivacySpec, RunSpec, Spec, aggregation_conflict, describe_errors,
-    privacy_conflict,
+    FEDERATED, ArmSpec, CommonSpec, DataSpec, RunSpec, aggregation_conflict, describe_errors, privacy_conflict,
 )
 from flows.decision import CostModel
+from flows.sections import (  # noqa: F401 (re-exported: the config's sections are imported from here)
+    ARM_NAME, BUILTIN_DATASETS, DATA_SUFFIXES, KINDS, RESERVED_ARMS, LARGE_MODELS, SMALL_MODELS, ArmConfig, DataConfig,
+    DeploymentConfig, ExtraArmConfig, PrivacyConfig,
+)
 from infra.state import state_dir
 
-BUILTIN_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer")
-DATA_SUFFIXES = (".csv", ".npz")
 DEFAULT_SUPERLINK = "127.0.0.1:8000"
 _ADDRESS = re.compile(r"^[A-Za-z0-9.\-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
-
-
-class DataConfig(DataSpec):
-    """What data the nodes train on, how it is split between them, and how tables become features."""
-
-    # how a table becomes features: "federated" standardizes numbers, one-hot encodes text (categorical)
-    # columns and fills empty cells, with statistics the nodes compute on their training splits and the
-    # server adds up (clients/preprocess.py); "none" uses the features as loaded (text or empty cells are
-    # refused); or a fixed spec object (the "preprocessing" object of an earlier report.json, or your own).
-    # "auto": federated for a .csv/.npz file, none for the built-in sets (scaled at load by known constants)
-    # and image folders. Under privacy the statistics are not covered by ε, so a private run refuses
-    # "federated" and "auto" means none: give a fixed spec to scale a private run's table
-    preprocessing: Literal["auto", "federated", "none"] | dict[str, Any] = "auto"
-    # one-hot columns per categorical column, the shared "other" column included
-    max_categories: int = Field(32, ge=2, le=1024)
-    # a category seen in fewer than this share of its column's values goes to the "other" column
-    rare_category_fraction: float = Field(0.01, ge=0.0, lt=0.5)
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        """Accept a built-in dataset name, a path to a CSV/NPZ file or an image folder that exists here."""
-        if value in BUILTIN_DATASETS or value.lower().endswith(DATA_SUFFIXES) or Path(value).is_dir():
-            return value
-        raise ValueError(
-            f"expected one of {', '.join(BUILTIN_DATASETS)}, a path ending in .csv or .npz, or an image "
-            f"folder (one subfolder per class) that exists here, got {value!r}"
-        )
-
-    @field_validator("preprocessing")
-    @classmethod
-    def _spec(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
-        """Accept a mode, or a fixed spec that clients.preprocess can apply."""
-        if isinstance(value, dict):
-            try:
-                check_spec(value)
-            except PreprocessingError as err:
-                raise ValueError(str(err)) from None
-        return value
-
-    @model_validator(mode="after")
-    def _partition_column_of_a_csv(self) -> DataConfig:
-        """Check that a partition_by column belongs to a CSV file."""
-        if self.partition_by and not self.dataset.lower().endswith(".csv"):
-            raise ValueError(f"partition_by names a column of a CSV file, but the dataset is {self.dataset!r}")
-        return self
-
-    def preprocessing_mode(self, *, private: bool) -> Literal["federated", "none", "fixed"]:
-        """Return how this run's tables become features, "auto" resolved ("none" for a ``private`` run)."""
-        if isinstance(self.preprocessing, dict):
-            return "fixed"
-        if self.preprocessing == "auto":
-            builtin_or_images = self.dataset in BUILTIN_DATASETS or not self.dataset.lower().endswith(DATA_SUFFIXES)
-            return "none" if builtin_or_images or private else "federated"
-        return self.preprocessing
-
-
-class ArmConfig(ArmSpec):
-    """How one arm (the large or the small model) trains: the run spec's arm settings and its private runs' own."""
-
-    # model of this arm's private runs and their central DP references (empty: model). DP-SGD adds
-    # noise of the same size to every parameter, so a compact network (cnn-dp: 26k parameters, tanh)
-    # often learns far more under DP than the arm's large one (cnn: 1.3M parameters)
-    dp_model: str | None = None
-    # step size of this arm's private runs at each ε, e.g. {1: 0.02, 3: 0.05} (an ε not listed: learning_rate);
-    # DP-SGD's noise grows as ε shrinks, and a step that suits ε=8 can drown a model in noise at ε=1.
-    # The central DP reference at that ε uses the same step, so the comparison stays like for like
-    learning_rate_by_epsilon: dict[float, float] = Field(default_factory=dict, max_length=8)
-    # optimizer of this arm's private runs and their central DP references (empty: optimizer);
-    # under DP-SGD each node's Adam step follows the noise at full size, so sgd is the usual choice,
-    # while the same arm without DP may train best with adam
-    dp_optimizer: Literal["adam", "sgd"] | None = None
-
-    @field_validator("learning_rate_by_epsilon")
-    @classmethod
-    def _steps(cls, value: dict[float, float]) -> dict[float, float]:
-        """Accept positive ε keys and step sizes in (0, 10]."""
-        for eps, rate in value.items():
-            if not 0 < eps <= 100 or not 0 < rate <= 10:
-                raise ValueError(f"expected ε in (0, 100] mapped to a learning rate in (0, 10], got {eps:g}: {rate:g}")
-        return dict(sorted(value.items()))
-
-    def model_at(self, epsilon: float | None) -> str:
-        """Return the zoo model of this arm's run private at ``epsilon`` (None: without DP), as configured."""
-        return self.model if epsilon is None else self.dp_model or self.model
-
-    def optimizer_at(self, epsilon: float | None) -> str:
-        """Return the optimizer of this arm's run private at ``epsilon`` (None: without DP)."""
-        return self.optimizer if epsilon is None else self.dp_optimizer or self.optimizer
-
-    def learning_rate_at(self, epsilon: float | None) -> float:
-        """Return the step size of this arm's run private at ``epsilon`` (None: without DP)."""
-        return self.learning_rate if epsilon is None else self.learning_rate_by_epsilon.get(epsilon, self.learning_rate)
-
-    def resolved(self, model: str, epsilon: float | None) -> ArmSpec:
-        """Return the run spec's arm settings of this arm's run private at ``epsilon``, its model resolved."""
-        own = {name: getattr(self, name) for name in ArmSpec.model_fields}
-        return ArmSpec(**{**own, "model": model, "learning_rate": self.learning_rate_at(epsilon),
-                          "optimizer": self.optimizer_at(epsilon)})
-
-
-class PrivacyConfig(PrivacySpec):
-    """Differential privacy for the arms: none, DP-SGD on every node, or noise on the aggregate; and which runs."""
-
-    # run the private arms once per ε in this list, a privacy-accuracy sweep (empty: only target_epsilon)
-    epsilon_sweep: list[float] = Field(default_factory=list, max_length=8)
-    # which arms train privately: both, large or small (the other trains without DP)
-    arms: Literal["both", "large", "small"] = "both"
-    # also train the private arms without DP, for the accuracy that privacy costs
-    compare_without_dp: bool = False
-
-    @field_validator("epsilon_sweep")
-    @classmethod
-    def _positive(cls, value: list[float]) -> list[float]:
-        """Accept distinct positive ε values, sorted."""
-        if any(not 0 < eps <= 100 for eps in value):
-            raise ValueError(f"every ε must be in (0, 100], got {value}")
-        if len(set(value)) != len(value):
-            raise ValueError(f"ε values must be distinct, got {value}")
-        return sorted(value)
-
-    @property
-    def epsilons(self) -> list[float]:
-        """Return the ε of every private run of an arm: the sweep, or target_epsilon alone."""
-        return list(self.epsilon_sweep) or [self.target_epsilon]
-
-    def covers(self, kind: str) -> bool:
-        """Return whether the arm ``kind`` ("large" or "small") trains privately."""
-        return self.mode != "none" and self.arms in ("both", kind)
-
-    def at(self, epsilon: float | None) -> PrivacySpec:
-        """Return the run spec's privacy of a run private at ``epsilon`` (None: a run without DP)."""
-        if epsilon is None:
-            return PrivacySpec()
-        own = {name: getattr(self, name) for name in PrivacySpec.model_fields}
-        return PrivacySpec(**{**own, "target_epsilon": epsilon})
-
-
-class DeploymentConfig(Spec):
-    """What serving each arm's final model looks like: the volume to price and how inference is measured."""
-
-    # export, compress (fp32, int8, fp16) and measure each arm's final model after training
-    enabled: bool = True
-    # predictions served per month, to price serving (the default: about 4 a second around the clock)
-    predictions_per_month: float = Field(10_000_000.0, ge=0.0, le=1e15)
-    # months of service the serving cost covers; total cost = training + serving over these months
-    months: float = Field(12.0, gt=0.0, le=120.0)
-    # replicas billed around the clock however few predictions come (0: bill only the busy time, as on a
-    # shared or serverless pool)
-    min_replicas: int = Field(0, ge=0, le=1000)
-    # largest accuracy drop from fp32 that a compressed variant may have and still be what an arm is priced at
-    max_accuracy_drop: float = Field(0.005, ge=0.0, le=1.0)
-    # onnxruntime threads of a serving replica: the vCPUs its price counts
-    threads: int = Field(2, ge=1, le=256)
-    # timed batch-1 queries of the latency measurement, after warmup_queries untimed ones
-    latency_queries: int = Field(300, ge=10, le=100_000)
-    warmup_queries: int = Field(30, ge=0, le=10_000)
-    # timed batches of 64 of the throughput measurement
-    throughput_batches: int = Field(30, ge=1, le=10_000)
-    # examples of static int8 calibration (from the arms' pooled training data, see README: Deployment)
-    calibration_examples: int = Field(256, ge=1, le=10_000)
-
-
-LARGE_MODELS = ("auto", *zoo.LARGE_MODELS)  # the zoo's names: one registry for the config, the zoo and the report
-SMALL_MODELS = zoo.SMALL_MODELS
 
 
 class CompareConfig(CommonSpec):
@@ -199,6 +33,12 @@ class CompareConfig(CommonSpec):
     large: ArmConfig = ArmConfig(model="auto", local_epochs=3, batch_size=32, learning_rate=1e-3)
     # the small model: logistic regression, meant for cpu-tier nodes
     small: ArmConfig = ArmConfig(model="logreg", local_epochs=5, batch_size=32, learning_rate=1e-2)
+    # more arms compared side by side with large and small: name -> the arm's settings and its kind ("large":
+    # trains on the large arm's nodes, "small": on the small arm's), e.g. {"nb": {"kind": "small", "model": "gnb"}};
+    # a field not given comes from the arm of that kind (large or small) as configured, so the arms differ only
+    # in what is given. Privacy covers an extra arm as it covers its kind
+    extra_arms: dict[Annotated[str, StringConstraints(pattern=ARM_NAME, max_length=40)], ExtraArmConfig] = Field(
+        default_factory=dict, max_length=8)
     # all-nodes: both arms train on every node (same data: a like-for-like comparison);
     # by-tier: large on gpu-tier nodes, small on cpu-tier nodes (each arm sees only its nodes' data)
     assignment: Literal["all-nodes", "by-tier"] = "all-nodes"
@@ -229,15 +69,29 @@ class CompareConfig(CommonSpec):
 
         The two arms have different default models and steps, so an arm's missing fields come from
         its own default, not from ArmConfig's; a user changes one field without restating the rest.
+        An extra arm's missing fields come from the arm of its kind, as given.
         """
         if not isinstance(data, dict):
             return data
         filled = dict(data)
-        for kind in ("large", "small"):
+        for kind in KINDS:
             if isinstance(filled.get(kind), dict):
                 default = cls.model_fields[kind].default.model_dump()
                 filled[kind] = {**default, **filled[kind]}
+        extra = filled.get("extra_arms")
+        if isinstance(extra, dict):  # an extra arm's missing fields come from its kind's arm as configured
+            filled["extra_arms"] = {name: _over_kind(filled, arm) for name, arm in extra.items()}
         return filled
+
+    @field_validator("extra_arms")
+    @classmethod
+    def _extra_names(cls, value: dict[str, ExtraArmConfig]) -> dict[str, ExtraArmConfig]:
+        """Refuse extra arm names that the comparison's own arms use (large, small, <arm>-eps<ε>, ...)."""
+        for name in value:
+            if name in KINDS or name in RESERVED_ARMS or re.search(r"-eps[0-9]", name):
+                raise ValueError(f"the arm name {name!r} is taken (large, small, {', '.join(RESERVED_ARMS)} and the "
+                                 "private runs' <arm>-eps<ε>): name the extra arm otherwise, e.g. 'nb'")
+        return value
 
     @field_validator("resume_from")
     @classmethod
@@ -267,17 +121,20 @@ class CompareConfig(CommonSpec):
 
     @model_validator(mode="after")
     def _models_fit_arms(self) -> CompareConfig:
-        """Check that each arm names a model of its kind."""
-        for kind, names in (("large", LARGE_MODELS), ("small", SMALL_MODELS)):
+        """Check that each arm names a model of its kind that can train under the run's privacy."""
+        for name, kind in self.arm_kinds().items():
+            where, arm = self.where(name), self.arm(name)
             for field in ("model", "dp_model"):
-                name = getattr(getattr(self, kind), field)
-                if name is not None and name not in names:
-                    raise ValueError(f"{kind}.{field}: expected one of {', '.join(names)}, got {name!r}")
-        small_private = self.small.dp_model or self.small.model
-        conflict = privacy_conflict(small_private, self.privacy.mode) if self.privacy.covers("small") else None
-        if conflict:
-            field = "dp_model" if self.small.dp_model else "model"
-            raise ValueError(f"privacy.mode (small.{field}): {conflict} (privacy.arms 'large')")
+                model = getattr(arm, field)
+                names = LARGE_MODELS if kind == "large" else SMALL_MODELS
+                if model is not None and model not in names:
+                    raise ValueError(f"{where}.{field}: expected one of {', '.join(names)}, got {model!r} ({kind} models)")
+            conflict = privacy_conflict(arm.dp_model or arm.model, self.privacy.mode) if self.privacy.covers(kind) \
+                else None
+            if conflict:
+                field = "dp_model" if arm.dp_model else "model"
+                other = "large" if kind == "small" else "small"
+                raise ValueError(f"privacy.mode ({where}.{field}): {conflict} (privacy.arms {other!r})")
         if self.privacy.mode != "none" and self.data.preprocessing == "federated":
             raise ValueError(
                 f"data.preprocessing: {self.data.preprocessing!r} would compute the nodes' feature means, ranges and "
@@ -285,15 +142,28 @@ class CompareConfig(CommonSpec):
                 "data.preprocessing a fixed spec (the \"preprocessing\" object of the report.json of a run without "
                 "privacy, or your own) or 'none'"
             )
-        for kind in ("large", "small"):
-            conflict = aggregation_conflict(getattr(self, kind).aggregation, self.privacy.mode)
+        for name, kind in self.arm_kinds().items():
+            conflict = aggregation_conflict(self.arm(name).aggregation, self.privacy.mode)
             if conflict and self.privacy.covers(kind):
-                raise ValueError(f"{kind}.aggregation: {conflict}")
+                raise ValueError(f"{self.where(name)}.aggregation: {conflict}")
         return self
 
-    def run_spec(self, kind: str, *, arm: str, model: str, run_key: str, store_uri: str, nodes: list[int],
+    def arm_kinds(self) -> dict[str, str]:
+        """Return every arm's name and kind: large, small, then the extra arms in their order."""
+        return {"large": "large", "small": "small", **{name: arm.kind for name, arm in self.extra_arms.items()}}
+
+    def arm(self, name: str) -> ArmConfig:
+        """Return the settings of arm ``name`` (large, small or an extra arm)."""
+        return getattr(self, name) if name in KINDS else self.extra_arms[name]
+
+    @staticmethod
+    def where(name: str) -> str:
+        """Return where arm ``name`` lives in the config, for error messages: large, small or extra_arms.<name>."""
+        return name if name in KINDS else f"extra_arms.{name}"
+
+    def run_spec(self, base: str, *, arm: str, model: str, run_key: str, store_uri: str, nodes: list[int],
                  epsilon: float | None = None, preprocessing: dict[str, Any] | None = None) -> RunSpec:
-        """Return the run spec of one arm's Flower run: arm ``kind``'s settings at ``epsilon`` (None: without DP).
+        """Return the run spec of one arm's Flower run: arm ``base``'s settings at ``epsilon`` (None: without DP).
 
         ``model``: the arm's model resolved (not "auto"); ``preprocessing``: the spec the arm's
         nodes apply (None: features as loaded).
@@ -303,12 +173,12 @@ class CompareConfig(CommonSpec):
             rounds=self.rounds, seed=self.seed, node_evaluation=self.node_evaluation,
             keep_last_rounds=self.keep_last_rounds,
             preprocessing=json.dumps(preprocessing, separators=(",", ":")) if preprocessing else "",
-            training=getattr(self, kind).resolved(model, epsilon), privacy=self.privacy.at(epsilon), data=self._data(),
+            training=self.arm(base).resolved(model, epsilon), privacy=self.privacy.at(epsilon), data=self._data(),
         )
 
     def query_spec(self, *, run_key: str, store_uri: str, federated_statistics: bool) -> RunSpec:
         """Return the run spec of the node query: every node answers, as patient as the most patient arm."""
-        timeout = max(getattr(self, kind).round_timeout_s for kind in ("large", "small"))
+        timeout = max(self.arm(name).round_timeout_s for name in self.arm_kinds())
         return RunSpec(
             mode="query", store_uri=store_uri, run_key=run_key, rounds=self.rounds, seed=self.seed,
             preprocessing=FEDERATED if federated_statistics else "",
@@ -329,15 +199,24 @@ class CompareConfig(CommonSpec):
         narrowed with a shorter privacy.epsilon_sweep, which merging cannot remove map keys for.
         """
         notes = []
-        for kind in ("large", "small"):
-            unused = sorted(set(getattr(self, kind).learning_rate_by_epsilon) - set(self.privacy.epsilons))
+        for name, kind in self.arm_kinds().items():
+            unused = sorted(set(self.arm(name).learning_rate_by_epsilon) - set(self.privacy.epsilons))
             if unused and self.privacy.covers(kind):
                 notes.append(
-                    f"{kind}.learning_rate_by_epsilon: the steps for ε={', '.join(f'{e:g}' for e in unused)} are "
+                    f"{self.where(name)}.learning_rate_by_epsilon: the steps for ε={', '.join(f'{e:g}' for e in unused)} are "
                     f"unused (the private runs of this arm train at ε={', '.join(f'{e:g}' for e in self.privacy.epsilons)}); "
                     "add an ε to privacy.epsilon_sweep to train at it"
                 )
         return notes
+
+
+def _over_kind(config: dict, arm: object) -> object:
+    """Return an extra arm given as a dict over the settings of the arm of its kind in ``config`` (kept otherwise)."""
+    if not isinstance(arm, dict) or arm.get("kind") not in KINDS:
+        return arm  # validation names what is wrong
+    base = config.get(arm["kind"], CompareConfig.model_fields[arm["kind"]].default)
+    base = base.model_dump() if isinstance(base, ArmConfig) else dict(base)
+    return {**base, **arm}
 
 
 def resolve_store_uri(config: CompareConfig) -> str:

@@ -16,34 +16,49 @@ from flows.following import exists, run_failed, submit, wait_for
 from infra.checkpoints import federation_key
 from infra.store import open_store
 
-ARMS = ("large", "small")
-
 @dataclass(frozen=True)
 class Variant:
-    """One arm of the comparison: a kind of model (large or small), private at ``epsilon`` or not (None)."""
+    """One run of the comparison: arm ``base``'s settings (large, small or an extra arm) of kind ``kind``
+    (large or small: which nodes train it), private at ``epsilon`` or not (None)."""
 
     name: str
     kind: str
     epsilon: float | None = None
+    base: str = ""  # the arm whose settings it trains with (empty: ``kind``, the large or the small arm)
+
+    def __post_init__(self) -> None:
+        """Name the arm of a large or small run given without ``base``."""
+        if not self.base:
+            object.__setattr__(self, "base", self.kind)
+
+    @property
+    def arm(self) -> str:
+        """Return the name of the arm whose settings this run trains with."""
+        return self.base
 
 
 def plan_variants(config: CompareConfig) -> list[list[Variant]]:
     """Return the arms to train, in groups: the arms of one group train side by side, groups one after another.
 
-    Without privacy: one group, ``large`` and ``small``. With privacy: the arms without DP
-    (kinds privacy does not cover, and every kind when ``compare_without_dp``) first, then
-    one group per ε of the sweep with the private arms, named ``<kind>-eps<ε>``.
+    Without privacy: one group, ``large``, ``small`` and the extra arms. With privacy: the arms
+    without DP (those of kinds privacy does not cover, and every arm when ``compare_without_dp``)
+    first, then one group per ε of the sweep with the private arms, named ``<arm>-eps<ε>``.
     """
     privacy = config.privacy
-    plain = [Variant(kind, kind) for kind in ARMS if not privacy.covers(kind) or privacy.compare_without_dp]
+    arms = config.arm_kinds()
+    plain = [Variant(name, kind, None, name) for name, kind in arms.items()
+             if not privacy.covers(kind) or privacy.compare_without_dp]
     groups = [plain] if plain else []
     for eps in privacy.epsilons if privacy.mode != "none" else []:
-        groups.append([Variant(f"{kind}-eps{eps:g}", kind, eps) for kind in ARMS if privacy.covers(kind)])
+        groups.append([Variant(f"{name}-eps{eps:g}", kind, eps, name) for name, kind in arms.items()
+                       if privacy.covers(kind)])
     return groups
+
 
 def data_kwargs(config: CompareConfig) -> dict[str, Any]:
     """Return the partitioning arguments that `clients.data` takes for this config."""
     return config.data.partition_kwargs(config.seed)
+
 
 _ANY_EPSILON = 1.0  # ArmConfig.model_at(ε) is the same model for every ε
 
@@ -56,16 +71,16 @@ def resolve_models(config: CompareConfig) -> dict[str, str]:
     except (OSError, ValueError) as exc:
         raise ValueError(f"data.dataset: {exc}") from None
     models = {}
-    for kind in ARMS:
-        arm = getattr(config, kind)
-        for key, name in ((kind, arm.model), (f"{kind}-dp", arm.model_at(_ANY_EPSILON))):
+    for base, kind in config.arm_kinds().items():
+        arm = config.arm(base)
+        for key, name in ((base, arm.model), (f"{base}-dp", arm.model_at(_ANY_EPSILON))):
             models[key] = resolve_large_model(name, dataset.kind) if kind == "large" else name
     return models
 
 
-def arm_model(models: dict[str, str], kind: str, epsilon: float | None) -> str:
-    """Return the resolved model of arm ``kind``'s run (private at ``epsilon``, or without DP for None)."""
-    return models[kind if epsilon is None else f"{kind}-dp"]
+def arm_model(models: dict[str, str], base: str, epsilon: float | None) -> str:
+    """Return the resolved model of arm ``base``'s run (private at ``epsilon``, or without DP for None)."""
+    return models[base if epsilon is None else f"{base}-dp"]
 
 
 @task(name="discover-nodes")
@@ -154,7 +169,7 @@ def check_privacy(config: CompareConfig, variants: list[Variant], nodes: list[di
     by_id = {n["node_id"]: n for n in nodes}
     plans: dict[str, dict[str, Any]] = {}
     for variant in (v for v in variants if v.epsilon is not None):
-        arm_config = getattr(config, variant.kind)
+        arm_config = config.arm(variant.arm)
         common = {"target_epsilon": variant.epsilon, "delta": privacy.delta, "accountant": privacy.accountant,
                   "noise_multiplier": privacy.noise_multiplier}
         try:
@@ -179,7 +194,10 @@ def check_privacy(config: CompareConfig, variants: list[Variant], nodes: list[di
 
 
 def large_need_bytes(config: CompareConfig, models: dict[str, str], spec: dict[str, Any] | None) -> int:
-    """Estimate the tensor bytes one training step of the large arm holds (0: no estimate needed or possible)."""
+    """Estimate the tensor bytes one training step of the large arms holds (0: no estimate needed or possible).
+
+    The largest need of every arm of kind large (the large arm and the extra ones), with and without DP.
+    """
     if config.assignment != "by-tier":
         return 0
     privacy = config.privacy
@@ -187,14 +205,16 @@ def large_need_bytes(config: CompareConfig, models: dict[str, str], spec: dict[s
     runs += [_ANY_EPSILON] if privacy.covers("large") else []
     need = 0
     dataset = None
-    for epsilon in runs:  # the larger need of the arm's runs without and with DP
-        model = arm_model(models, "large", epsilon)
-        if model not in TORCH_MODELS:
-            continue
-        dataset = dataset or prepared_dataset(config, spec)
-        need = max(need, estimate_training_memory_bytes(
-            model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-            batch_size=config.large.batch_size, private=epsilon is not None and privacy.mode == "sample-level",
-            optimizer=config.large.optimizer_at(epsilon),
-        ))
+    for base in (name for name, kind in config.arm_kinds().items() if kind == "large"):
+        arm = config.arm(base)
+        for epsilon in runs:  # the larger need of the arm's runs without and with DP
+            model = arm_model(models, base, epsilon)
+            if model not in TORCH_MODELS:
+                continue
+            dataset = dataset or prepared_dataset(config, spec)
+            need = max(need, estimate_training_memory_bytes(
+                model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
+                batch_size=arm.batch_size, private=epsilon is not None and privacy.mode == "sample-level",
+                optimizer=arm.optimizer_at(epsilon),
+            ))
     return need

@@ -47,7 +47,7 @@ def build_report(
     privacy_on = (config.get("privacy") or {}).get("mode", "none") != "none"
     for s in arms.values():
         s.setdefault("kind", s["arm"].split("-")[0])
-        plain = arms.get(s["kind"])
+        plain = arms.get(s.get("base") or s["kind"])  # the same arm without DP
         s["gap_to_non_private"] = (
             plain["final_accuracy"] - s["final_accuracy"] if s.get("privacy") and plain and not plain.get("privacy")
             else None
@@ -131,10 +131,12 @@ def _steps(report: dict[str, Any], arm: dict[str, Any], epsilon: float) -> dict[
     """Return the optimizer and step size the private ``arm`` trained with at ``epsilon`` (None without config)."""
     from flows.config import ArmConfig
 
-    kind = report.get("config", {}).get(arm.get("kind") or arm["arm"].split("-")[0])
-    if not kind:
+    config = report.get("config", {})
+    base = arm.get("base") or arm.get("kind") or arm["arm"].split("-")[0]
+    section = config.get(base) if base in ("large", "small") else (config.get("extra_arms") or {}).get(base)
+    if not section:
         return {"optimizer": None, "learning rate": None}
-    settings = ArmConfig.model_validate(kind)  # the same rule the flow used to pick them
+    settings = ArmConfig.model_validate({k: v for k, v in section.items() if k != "kind"})  # the flow's own rule
     optimizer = {"logreg": "sgd (scikit-learn)", "gnb": "none (closed form)"}.get(arm["model"])
     return {"optimizer": optimizer or settings.optimizer_at(epsilon),
             "learning rate": settings.learning_rate_at(float(epsilon))}

@@ -145,11 +145,13 @@ def _node_id(report: dict, partition: int) -> int:
 
 @pytest.fixture(scope="module")
 def table_run(stack, tmp_path_factory):
-    """A user's own table: the unscaled wine CSV (0.13 to 1,680) with a categorical column and empty cells."""
+    """A user's own table: the unscaled wine CSV (0.13 to 1,680) with a categorical column and empty cells;
+    an extra small arm (Gaussian naive Bayes) beside the large and small ones."""
     from tests.test_preprocess import write_wine
 
     table = write_wine(tmp_path_factory.mktemp("table") / "wine.csv", categorical=True, missing=0.05)
-    config = {"rounds": 3, "data": {"dataset": str(table)}, "deployment": {"enabled": False}}
+    config = {"rounds": 3, "data": {"dataset": str(table)}, "deployment": {"enabled": False},
+              "extra_arms": {"nb": {"kind": "small", "model": "gnb"}}}  # a third arm: naive Bayes beside logreg
     return _demo(stack, "--config", json.dumps(config))
 
 

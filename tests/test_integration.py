@@ -260,7 +260,7 @@ def test_an_unscaled_table_with_categories_and_empty_cells_trains_like_its_centr
     assert kinds["cellar"] == "categorical" and kinds["proline"] == "numeric" and len(kinds) == 14
     assert sum(c["missing"] for c in spec["columns"]) > 0
     assert not any("preprocessing-stats" in n for n in report["federation"]["nodes"]), "only the sums are kept"
-    for arm in ("large", "small"):
+    for arm in ("large", "small", "nb"):
         s = report["arms"][arm]
         # the same model trained centrally on the standardized pooled data is the yardstick
         assert s["final_accuracy"] >= s["reference"]["accuracy"] - 0.02, (arm, s["final_accuracy"], s["reference"])
@@ -269,6 +269,11 @@ def test_an_unscaled_table_with_categories_and_empty_cells_trains_like_its_centr
         assert digests == {float(spec_digest(spec))}, arm
         checkpoint = store.get_json(f"runs/{run_id}/{arm}/round-0003/checkpoint.json")
         assert json.loads(checkpoint["config"]["preprocessing"]) == spec
+    # the extra arm ran like the others, and naive Bayes federated through its statistics is the central one exactly
+    nb = report["arms"]["nb"]
+    assert (nb["kind"], nb["base"], nb["model"]) == ("small", "nb", "gnb")
+    assert nb["final_accuracy"] == pytest.approx(nb["reference"]["accuracy"], abs=1e-9), nb
+    assert {"large", "small", "nb"} <= set(report["arms"]) and report["recommendation"]["text"]
 
 
 def test_an_rgb_image_folder_of_mixed_sizes_trains_with_its_three_channels(colour_run):

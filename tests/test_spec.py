@@ -142,3 +142,44 @@ def test_weight_decay_reaches_the_optimizer_of_torch_and_scikit_learn_models() -
     gnb = build_model("gnb", input_shape=digits.input_shape, num_classes=digits.num_classes, seed=0)
     with pytest.raises(ValueError, match="no weights to decay"):
         gnb.fit(digits, epochs=1, batch_size=32, learning_rate=0.1, seed=0, weight_decay=0.1)
+
+
+def test_an_extra_arm_takes_its_kinds_settings_unless_given_and_runs_like_the_others() -> None:
+    from flows.preparation import plan_variants
+
+    config = CompareConfig.model_validate({
+        "small": {"local_epochs": 9},
+        "extra_arms": {"nb": {"kind": "small", "model": "gnb"}, "wide": {"kind": "large", "model": "cnn-dp"}},
+        "privacy": {"mode": "client-level", "arms": "small", "epsilon_sweep": [4, 8], "compare_without_dp": True},
+    })
+
+    nb = config.extra_arms["nb"]
+    assert (nb.model, nb.local_epochs, nb.learning_rate) == ("gnb", 9, config.small.learning_rate)
+    assert config.arm_kinds() == {"large": "large", "small": "small", "nb": "small", "wide": "large"}
+    groups = [[(v.name, v.kind, v.arm) for v in group] for group in plan_variants(config)]
+    assert groups == [
+        [("large", "large", "large"), ("small", "small", "small"), ("nb", "small", "nb"), ("wide", "large", "wide")],
+        [("small-eps4", "small", "small"), ("nb-eps4", "small", "nb")],
+        [("small-eps8", "small", "small"), ("nb-eps8", "small", "nb")],
+    ]
+    spec = config.run_spec(
+        "nb", arm="nb-eps4", model="gnb", run_key="k", store_uri="file:///s", nodes=[1], epsilon=4.0)
+    assert (spec.arm, spec.training.model, spec.training.local_epochs, spec.privacy.target_epsilon) == (
+        "nb-eps4", "gnb", 9, 4.0)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"large": {"kind": "small", "model": "gnb"}}, "the arm name 'large' is taken"),
+    ({"cnn-eps8": {"kind": "large", "model": "cnn"}}, "the arm name 'cnn-eps8' is taken"),
+    ({"nb": {"kind": "small", "model": "cnn"}}, r"extra_arms.nb.model: expected one of logreg, .*, got 'cnn' \(small models\)"),
+    ({"nb": {"model": "gnb"}}, r"extra_arms.nb.kind: Field required"),
+    ({"nb": {"kind": "small", "model": "gnb", "weight_decay": 0.1}}, r"weight_decay: the model 'gnb' has no weights"),
+    ({"Bad Name": {"kind": "small"}}, r"extra_arms.Bad Name.\[key\]"),
+])
+def test_a_bad_extra_arm_is_refused_naming_it(extra, message) -> None:
+    import json
+
+    from flows.config import parse_overrides
+
+    with pytest.raises(ValueError, match=message):  # the one line `fedcompare demo --config` prints
+        parse_overrides(json.dumps({"extra_arms": extra}))
