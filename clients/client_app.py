@@ -86,9 +86,11 @@ def _answer(kind: str, msg: Message, context: Context, **task: Any) -> tuple[dic
     return result.values, result.arrays, {"worker-warm": 0.0, "worker-restarts": 0.0}
 
 
-def _received(msg: Message) -> OrderedDict[str, np.ndarray]:
-    """Return the global model's arrays that ``msg`` carries."""
-    return OrderedDict((name, array.numpy()) for name, array in msg.content["arrays"].items())
+def _received(msg: Message, record: str = "arrays") -> OrderedDict[str, np.ndarray]:
+    """Return the arrays of ``msg``'s ArrayRecord ``record``: the global model's, or a distilled arm's "teacher"."""
+    if record not in msg.content.array_records:
+        return OrderedDict()
+    return OrderedDict((name, array.numpy()) for name, array in msg.content[record].items())
 
 
 @app.query()
@@ -101,7 +103,8 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the node's local training split."""
-    values, trained, served = _answer("train", msg, context, arrays=_received(msg), config=dict(msg.content["config"]))
+    values, trained, served = _answer("train", msg, context, arrays=_received(msg), teacher=_received(msg, "teacher"),
+                                      config=dict(msg.content["config"]))
     arrays = ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in trained.items()))
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({**values, **served})}), reply_to=msg)
 

@@ -43,6 +43,7 @@ class Task:
     message_id: str = ""  # Flower's id of the message: a retry of the same message is charged to the ledger once
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the per-round ConfigRecord of a train message
+    teacher: dict[str, np.ndarray] = field(default_factory=dict)  # a distilled arm's teacher model (train only)
     created_at: float = 0.0  # when the server created the message (Unix time; 0: unknown)
 
 
@@ -279,13 +280,34 @@ def train(task: Task, facts: NodeFacts) -> Result:
         private = {"dp-unit-weight": 1.0}  # client-level DP averages the clipped updates with equal weights
     model = _model(run, facts, train_set, task.arrays)
     with meter.measure(on_gpu=model.device.startswith("cuda")) as energy:
-        metrics = model.fit(train_set, epochs=training.local_epochs, batch_size=training.batch_size,
-                            learning_rate=training.learning_rate, optimizer=training.optimizer,
-                            weight_decay=training.weight_decay, seed=run.seed + server_round, **wrap)
+        if run.teacher_arm:
+            metrics = _fit_distilled(run, facts, model, train_set, task.teacher, seed=run.seed + server_round)
+        else:
+            metrics = model.fit(train_set, epochs=training.local_epochs, batch_size=training.batch_size,
+                                learning_rate=training.learning_rate, optimizer=training.optimizer,
+                                weight_decay=training.weight_decay, seed=run.seed + server_round, **wrap)
     applied = {"preprocessing-digest": float(spec_digest(run.preprocessing_spec))} if run.preprocessing_spec else {}
     values = {"num-examples": len(train_set.y), **_floats(metrics, "num_examples", *_withheld(run)),
               **_resources(model.device), **energy.metrics("train"), **private, **applied}
     return Result(values, arrays=model.get_arrays())
+
+
+def _fit_distilled(run: RunSpec, facts: NodeFacts, model: Model, train_set: Dataset,
+                   teacher_arrays: Mapping[str, np.ndarray], *, seed: int) -> dict[str, float]:
+    """Train ``model`` on the node's data and the teacher's soft labels (clients/distill.py); return its metrics."""
+    from clients.distill import fit_distilled, soft_labels
+
+    if not teacher_arrays:
+        raise ValueError(f"arm {run.arm} is distilled from arm {run.teacher_arm}, but the training message carries no "
+                         "teacher arrays: submit the run from fedcompare's ServerApp")
+    teacher = build_model(run.teacher_model, input_shape=train_set.input_shape, num_classes=train_set.num_classes,
+                          seed=run.seed, device=facts.device)
+    teacher.set_arrays(OrderedDict(teacher_arrays))
+    training, distill = run.training, run.distill
+    return fit_distilled(model, train_set, soft_labels(teacher, train_set.x, distill.temperature),
+                         temperature=distill.temperature, alpha=distill.alpha, epochs=training.local_epochs,
+                         batch_size=training.batch_size, learning_rate=training.learning_rate, seed=seed,
+                         optimizer=training.optimizer, weight_decay=training.weight_decay or 0.0)
 
 
 def _charge_dp_sgd(run: RunSpec, facts: NodeFacts, server_round: int, num_examples: int, *,

@@ -25,34 +25,14 @@ from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from clients.models import MODEL_NAMES, SKLEARN_MODELS, has_weights
+from clients._spec_rules import (  # noqa: F401 (the rules are the spec's: imported from here)
+    DISTILL_UNDER_DP, ROUND_ATTEMPTS, aggregation_conflict, longest_round_s, privacy_conflict,
+)
+from clients.models import MODEL_NAMES, has_weights
 
 AGGREGATIONS = ("fedavg", "fedmedian", "trimmed-mean", "krum")  # server.strategy.AGGREGATIONS, without Flower
 FEDERATED = "federated"  # the node query's preprocessing value: send the statistics of your table
-ROUND_ATTEMPTS = 2  # tries of a round that gets too few valid training replies (server.rounds.RoundPolicy)
-_PREFIX = {"training": "", "data": "", "privacy": "privacy-"}  # run-config key prefix of each group
-
-
-def privacy_conflict(model: str, privacy_mode: str) -> str | None:
-    """Return why ``model`` cannot train under ``privacy_mode`` (None: it can); the flow and the apps say the same."""
-    if privacy_mode == "sample-level" and model in SKLEARN_MODELS:
-        return (f"sample-level DP-SGD (Opacus) trains PyTorch models, but the model is the scikit-learn {model!r}: "
-                "use the model 'torch-logreg', client-level privacy, or train this arm without DP")
-    return None
-
-
-def aggregation_conflict(aggregation: str, privacy_mode: str) -> str | None:
-    """Return why ``aggregation`` cannot combine updates under ``privacy_mode`` (None: it can)."""
-    if privacy_mode == "client-level" and aggregation != "fedavg":
-        return (f"client-level DP calibrates its noise and ε to the mean of the clipped updates, but the arm "
-                f"aggregates with {aggregation!r} (a median or Krum can move further with one node): use aggregation "
-                "'fedavg', or sample-level privacy")
-    return None
-
-
-def longest_round_s(round_timeout_s: float, attempts: int = ROUND_ATTEMPTS) -> float:
-    """Return the longest one round may take: every training attempt and the evaluation, each up to the timeout."""
-    return (attempts + 1) * round_timeout_s
+_PREFIX = {"training": "", "data": "", "privacy": "privacy-", "distill": "distill-"}  # run-config key prefix per group
 
 
 def _image_size(value: object) -> object:
@@ -174,6 +154,16 @@ class PrivacySpec(Spec):
                 "noise_multiplier": self.noise_multiplier}
 
 
+class DistillSpec(Spec):
+    """How a distilled arm learns from its teacher's soft labels (clients/distill.py; CompareConfig's ``distill``)."""
+
+    # softmax temperature of the teacher's soft labels: 1 keeps its probabilities, 2-5 show which wrong classes
+    # it finds close
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    # weight of the teacher's soft labels in the student's loss (1 - alpha: the hard labels'); 0 = plain training
+    alpha: float = Field(0.7, ge=0.0, le=1.0)
+
+
 class DataSpec(Spec):
     """What data the nodes train on and how it is split between them (CompareConfig's ``data`` adds preprocessing)."""
 
@@ -262,10 +252,15 @@ class RunSpec(CommonSpec):
     # JSON of a preprocessing spec (the flow sends the one it built); "federated" in the node query asks
     # every node for the statistics of its training split
     preprocessing: str = ""
-    # how the arm trains (its model resolved: not "auto"), its privacy and its data
+    # the arm whose final global model teaches this one by its soft labels ("" = no distillation) and that
+    # model's zoo name; the ServerApp sends the teacher's arrays with every training message
+    teacher_arm: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
+    teacher_model: str = ""
+    # how the arm trains (its model resolved: not "auto"), its privacy, its data and its distillation
     training: ArmSpec = ArmSpec(model="cnn", local_epochs=3)
     privacy: PrivacySpec = PrivacySpec()
     data: DataSpec = DataSpec()
+    distill: DistillSpec = DistillSpec()
 
     @model_validator(mode="after")
     def _rules(self) -> RunSpec:
@@ -279,6 +274,12 @@ class RunSpec(CommonSpec):
         conflict = privacy_conflict(self.training.model, self.privacy.mode) if self.mode == "train" else None
         if conflict:
             raise ValueError(f"privacy.mode: {conflict}")
+        if bool(self.teacher_arm) != bool(self.teacher_model) or (self.teacher_model and
+                                                                   self.teacher_model not in MODEL_NAMES):
+            raise ValueError(f"teacher-arm and teacher-model go together, the model from the zoo ({', '.join(MODEL_NAMES)}); "
+                             f"got {self.teacher_arm!r} and {self.teacher_model!r}")
+        if self.teacher_arm and self.privacy.mode != "none":
+            raise ValueError(f"privacy.mode: {DISTILL_UNDER_DP}")
         self.preprocessing_spec  # parse and check it once here: a bad spec fails before any node trains
         return self
 

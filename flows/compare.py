@@ -34,7 +34,7 @@ from infra.store import StoreError, open_store
 
 @task(name="train-arm", task_run_name="train-{arm}")
 def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run_key: str,
-              store_uri: str, superlink: str, base: str | None = None,
+              store_uri: str, superlink: str, base: str | None = None, teacher: tuple[str, str] | None = None,
               epsilon: float | None = None, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Submit one arm's Flower run, mirror its rounds into Prefect, and wait for it to end."""
     logger = get_run_logger()
@@ -46,7 +46,7 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
         description=f"{arm} arm ({model}): rounds completed",
     )
     spec = config.run_spec(base or arm, arm=arm, model=model, run_key=run_key, store_uri=store_uri, nodes=nodes,
-                           epsilon=epsilon, preprocessing=preprocessing)
+                           epsilon=epsilon, preprocessing=preprocessing, teacher=teacher)
     started = time.monotonic()
     run_id = submit(spec, superlink)
     logger.info("%s arm: Flower run %s submitted (%s on nodes %s%s)", arm, run_id, model, nodes,
@@ -108,11 +108,13 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
 @task(name="train-reference", task_run_name="reference-{arm}")
 def train_reference(arm: str, model: str, partition_ids: list[int], num_partitions: int,
                     config: CompareConfig, base: str | None = None,
-                    epsilon: float | None = None, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
+                    epsilon: float | None = None, preprocessing: dict[str, Any] | None = None,
+                    teacher: tuple[str, str] | None = None, run_key: str = "", store_uri: str = "") -> dict[str, Any]:
     """Train the arm's model centrally on its nodes' pooled training data, as a labelled reference.
 
     With ``epsilon`` the reference trains with DP-SGD at that ε (over all its epochs) on
-    the pooled data: what the same privacy would cost without federation.
+    the pooled data: what the same privacy would cost without federation. With ``teacher``
+    (arm, model) it is distilled, as the arm was, from that arm's final global model in the store.
     """
     arm_config = config.arm(base or arm)
     privacy = config.privacy
@@ -124,6 +126,8 @@ def train_reference(arm: str, model: str, partition_ids: list[int], num_partitio
         epochs=config.rounds * arm_config.local_epochs, batch_size=arm_config.batch_size,
         learning_rate=arm_config.learning_rate_at(epsilon), optimizer=arm_config.optimizer_at(epsilon),
         weight_decay=arm_config.weight_decay, seed=config.seed,
+        teacher=None if teacher is None else (teacher[1], load_latest(open_store(store_uri), run_key, teacher[0])[1]),
+        distill={"temperature": config.distill.temperature, "alpha": config.distill.alpha},
         data_kwargs=data_kwargs(config), dp=dp,
     )
     get_run_logger().info("%s central reference%s: accuracy %.4f after %d epochs on %d examples", arm,
@@ -197,6 +201,7 @@ def publish_report(config: CompareConfig, run_key: str, store_uri: str, federati
             ),
             "kind": result["kind"],
             "base": result["base"],
+            **({"distilled_from": result["distilled_from"]} if "distilled_from" in result else {}),
             "flower_run_id": result["flower_run_id"],
         }
         if arm in (deployments or {}):
@@ -217,9 +222,15 @@ def publish_report(config: CompareConfig, run_key: str, store_uri: str, federati
                           description="per-arm summary of the comparison")
     return report
 
+
+def _teacher(variant: Variant, models: dict[str, str]) -> tuple[str, str] | None:
+    """Return (arm, model) that ``variant`` is distilled from, or None."""
+    return (variant.teacher, models[variant.teacher]) if variant.teacher else None
+
+
 def _references(config: CompareConfig, models: dict[str, str], nodes: list[dict[str, Any]],
                 assignment: dict[str, list[int]], variants: list[Variant],
-                spec: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+                spec: dict[str, Any] | None, run_key: str, store_uri: str) -> dict[str, dict[str, Any]]:
     """Train every arm's central reference on its nodes' pooled partitions; none when nodes hold their own data."""
     if any(n.get("data-source") == "node-file" for n in nodes):
         get_run_logger().info("no central references: nodes hold their own data files, which never leave them")
@@ -229,13 +240,16 @@ def _references(config: CompareConfig, models: dict[str, str], nodes: list[dict[
 
     def reference(name: str, v: Variant, epsilon: float | None, model: str) -> dict[str, Any]:
         return train_reference(name, model, sorted(partitions[n] for n in assignment[v.kind]), num_partitions,
-                               config, base=v.arm, epsilon=epsilon, preprocessing=spec)
+                               config, base=v.arm, epsilon=epsilon, preprocessing=spec,
+                               teacher=_teacher(v, models), run_key=run_key, store_uri=store_uri)
 
     plain: dict[str, dict[str, Any]] = {}  # arm -> its reference without DP, trained once
     references = {}
     for v in variants:
         model = arm_model(models, v.arm, v.epsilon)
-        if v.epsilon is not None and config.privacy.mode == "sample-level":
+        if v.teacher:  # distilled centrally from the same teacher
+            references[v.name] = reference(v.name, v, None, model)
+        elif v.epsilon is not None and config.privacy.mode == "sample-level":
             references[v.name] = reference(v.name, v, v.epsilon, model)  # DP-SGD at the same ε, pooled
         elif model == models[v.arm]:
             if v.arm not in plain:
@@ -281,11 +295,12 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
     for group in groups:
         futures = {v.name: retrying.submit(v.name, arm_model(models, v.arm, v.epsilon), assignment[v.kind], config,
                                            run_key, store_uri, superlink, base=v.arm, epsilon=v.epsilon,
-                                           preprocessing=spec)
+                                           preprocessing=spec, teacher=_teacher(v, models))
                    for v in group}
-        arms.update({v.name: {**futures[v.name].result(), "kind": v.kind, "base": v.arm} for v in group})
+        arms.update({v.name: {**futures[v.name].result(), "kind": v.kind, "base": v.arm,
+                              **({"distilled_from": v.teacher} if v.teacher else {})} for v in group})
 
-    references = _references(config, models, federation["nodes"], assignment, variants, spec)
+    references = _references(config, models, federation["nodes"], assignment, variants, spec, run_key, store_uri)
     deployments = _deploy_all(config, run_key, store_uri, federation["nodes"], assignment, variants, spec)
     report = publish_report(config, run_key, store_uri, federation, assignment, arms, references, deployments)
     return {"run_key": run_key, "summary": summary_rows(report)}

@@ -11,12 +11,13 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from clients.spec import (
-    FEDERATED, ArmSpec, CommonSpec, DataSpec, RunSpec, aggregation_conflict, describe_errors, privacy_conflict,
+    DISTILL_UNDER_DP, FEDERATED, ArmSpec, CommonSpec, DataSpec, DistillSpec, RunSpec, aggregation_conflict,
+    describe_errors, privacy_conflict,
 )
 from flows.decision import CostModel
 from flows.sections import (  # noqa: F401 (re-exported: the config's sections are imported from here)
-    ARM_NAME, BUILTIN_DATASETS, DATA_SUFFIXES, KINDS, RESERVED_ARMS, LARGE_MODELS, SMALL_MODELS, ArmConfig, DataConfig,
-    DeploymentConfig, ExtraArmConfig, PrivacyConfig,
+    ARM_NAME, BUILTIN_DATASETS, DATA_SUFFIXES, DISTILLED_ARM, KINDS, RESERVED_ARMS, LARGE_MODELS, SMALL_MODELS,
+    ArmConfig, DataConfig, DeploymentConfig, DistillConfig, ExtraArmConfig, PrivacyConfig,
 )
 from infra.state import state_dir
 
@@ -61,6 +62,8 @@ class CompareConfig(CommonSpec):
     privacy: PrivacyConfig = PrivacyConfig()
     # serving each arm's final model: export, compression, inference measurements and their price
     deployment: DeploymentConfig = DeploymentConfig()
+    # knowledge distillation: the arm "small-distilled", the small model taught by the large one (off by default)
+    distill: DistillConfig = DistillConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -142,6 +145,8 @@ class CompareConfig(CommonSpec):
                 "data.preprocessing a fixed spec (the \"preprocessing\" object of the report.json of a run without "
                 "privacy, or your own) or 'none'"
             )
+        if self.distill.enabled and self.privacy.mode != "none":
+            raise ValueError(f"distill.enabled: {DISTILL_UNDER_DP}")
         for name, kind in self.arm_kinds().items():
             conflict = aggregation_conflict(self.arm(name).aggregation, self.privacy.mode)
             if conflict and self.privacy.covers(kind):
@@ -162,18 +167,23 @@ class CompareConfig(CommonSpec):
         return name if name in KINDS else f"extra_arms.{name}"
 
     def run_spec(self, base: str, *, arm: str, model: str, run_key: str, store_uri: str, nodes: list[int],
-                 epsilon: float | None = None, preprocessing: dict[str, Any] | None = None) -> RunSpec:
+                 epsilon: float | None = None, preprocessing: dict[str, Any] | None = None,
+                 teacher: tuple[str, str] | None = None) -> RunSpec:
         """Return the run spec of one arm's Flower run: arm ``base``'s settings at ``epsilon`` (None: without DP).
 
         ``model``: the arm's model resolved (not "auto"); ``preprocessing``: the spec the arm's
-        nodes apply (None: features as loaded).
+        nodes apply (None: features as loaded); ``teacher``: (arm, model) whose final global model
+        the arm is distilled from (None: no distillation).
         """
+        teacher_arm, teacher_model = teacher or ("", "")
+        distill = DistillSpec(**{name: getattr(self.distill, name) for name in DistillSpec.model_fields})
         return RunSpec(
             mode="train", store_uri=store_uri, run_key=run_key, arm=arm, nodes=nodes,
             rounds=self.rounds, seed=self.seed, node_evaluation=self.node_evaluation,
             keep_last_rounds=self.keep_last_rounds,
             preprocessing=json.dumps(preprocessing, separators=(",", ":")) if preprocessing else "",
             training=self.arm(base).resolved(model, epsilon), privacy=self.privacy.at(epsilon), data=self._data(),
+            teacher_arm=teacher_arm, teacher_model=teacher_model, distill=distill if teacher else DistillSpec(),
         )
 
     def query_spec(self, *, run_key: str, store_uri: str, federated_statistics: bool) -> RunSpec:

@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from clients.data import Dataset, load_dataset
 from clients.preprocess import PreprocessingError, build_spec, describe, prepare
 from clients.models import TORCH_MODELS, estimate_training_memory_bytes, resolve_large_model
-from flows.config import CompareConfig
+from flows.config import DISTILLED_ARM, CompareConfig
 from flows.following import exists, run_failed, submit, wait_for
 from infra.checkpoints import federation_key
 from infra.store import open_store
@@ -25,6 +25,7 @@ class Variant:
     kind: str
     epsilon: float | None = None
     base: str = ""  # the arm whose settings it trains with (empty: ``kind``, the large or the small arm)
+    teacher: str = ""  # the arm whose final global model it is distilled from (empty: none)
 
     def __post_init__(self) -> None:
         """Name the arm of a large or small run given without ``base``."""
@@ -49,6 +50,8 @@ def plan_variants(config: CompareConfig) -> list[list[Variant]]:
     plain = [Variant(name, kind, None, name) for name, kind in arms.items()
              if not privacy.covers(kind) or privacy.compare_without_dp]
     groups = [plain] if plain else []
+    if config.distill.enabled:  # after the large arm: its final global model teaches
+        groups.append([Variant(DISTILLED_ARM, "small", None, "small", teacher="large")])
     for eps in privacy.epsilons if privacy.mode != "none" else []:
         groups.append([Variant(f"{name}-eps{eps:g}", kind, eps, name) for name, kind in arms.items()
                        if privacy.covers(kind)])

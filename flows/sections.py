@@ -10,13 +10,14 @@ from pydantic import Field, field_validator, model_validator
 
 from clients import models as zoo
 from clients.preprocess import PreprocessingError, check_spec
-from clients.spec import ArmSpec, DataSpec, PrivacySpec, Spec
+from clients.spec import ArmSpec, DataSpec, DistillSpec, PrivacySpec, Spec
 
 BUILTIN_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer")
 DATA_SUFFIXES = (".csv", ".npz")
 ARM_NAME = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"  # an extra arm's name: lower case words joined by dashes
 KINDS = ("large", "small")  # the two kinds of arm: which nodes train it (by-tier) and what privacy covers
-RESERVED_ARMS = ("small-distilled",)  # arm names the flow gives arms of its own
+DISTILLED_ARM = "small-distilled"  # the arm `distill` adds
+RESERVED_ARMS = (DISTILLED_ARM,)  # arm names the flow gives arms of its own
 
 
 class DataConfig(DataSpec):
@@ -123,6 +124,15 @@ class ExtraArmConfig(ArmConfig):
 
     # "large": trains on the large arm's nodes (gpu tier with by-tier), "small": on the small arm's
     kind: Literal["large", "small"]
+
+
+class DistillConfig(DistillSpec):
+    """Knowledge distillation: a third arm, the small model taught by the large one's soft labels."""
+
+    # add the arm "small-distilled": after the large arm finishes, the small arm's nodes train the small
+    # model (its settings) federatedly on their own data with the large global model's soft labels; it is
+    # referenced (distilled centrally from the same teacher), priced and recommended like any arm
+    enabled: bool = False
 
 
 class PrivacyConfig(PrivacySpec):

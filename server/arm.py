@@ -19,7 +19,8 @@ from clients.models import build_model
 from clients.preprocess import PreprocessingError, merge_stats, prepare
 from clients.spec import RunSpec
 from infra.checkpoints import (
-    CheckpointError, federation_key, load_latest_good, read_manifest, rewind, round_metrics, run_source, write_round,
+    CheckpointError, federation_key, load_latest, load_latest_good, read_manifest, rewind, round_metrics, run_source,
+    write_round,
 )
 from infra.store import Store
 from server._grid import ArmGrid, node_info_messages
@@ -102,6 +103,7 @@ def run_arm(grid: Grid, run: RunSpec, store: Store) -> None:
     _check_min_replies(run, num_nodes)
     strategy = recording_strategy(
         training.aggregation, trim_fraction=training.trim_fraction, krum_byzantine=training.krum_byzantine,
+        teacher=_teacher(store, run),
         # the round loop picks the nodes of each round and bounds every wait, so Flower's own minimums are off
         min_train_nodes=0, min_evaluate_nodes=0, min_available_nodes=0,
         evaluate_rounds=None if run.node_evaluation == "every-round" else {run.rounds},
@@ -164,6 +166,20 @@ def run_arm(grid: Grid, run: RunSpec, store: Store) -> None:
         evaluate_config=ConfigRecord({}),
         evaluate_fn=checkpoint,
     )
+
+
+def _teacher(store: Store, run: RunSpec) -> ArrayRecord | None:
+    """Return the final global model of the arm that teaches this one (None: the arm is not distilled)."""
+    if not run.teacher_arm:
+        return None
+    try:
+        taught_round, arrays, _ = load_latest(store, run.run_key, run.teacher_arm)
+    except CheckpointError as exc:
+        raise ValueError(f"arm {run.arm} is distilled from arm {run.teacher_arm}, which has no model in the store "
+                         f"({exc}): train the teacher arm first") from None
+    log.info("arm %s: distilled from arm %s's round-%d model (%s), T=%g, alpha=%g", run.arm, run.teacher_arm,
+             taught_round, run.teacher_model, run.distill.temperature, run.distill.alpha)
+    return _to_record(arrays)
 
 
 def _node_partitions(store: Store, run: RunSpec) -> dict[int, int | None]:

@@ -14,6 +14,9 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 
+TEACHER = "teacher"  # the ArrayRecord of a distilled arm's teacher in its training messages
+
+
 def serialized_bytes(content: RecordDict) -> int:
     """Return the bytes Flower sends for a message's content: every nested object, serialized.
 
@@ -51,15 +54,18 @@ class Recording(FedAvg):
     """Mixin over FedAvg or one of its robust subclasses: records per-node metrics, bytes and timings of every round.
 
     Put it first among the bases (``class X(Recording, FedMedian)``) so it wraps the
-    base's methods. ``evaluate_rounds`` says after which rounds the nodes evaluate the
+    base's methods. ``teacher``: the arrays of a distilled arm's teacher, added to every
+    training message (and counted in its bytes). ``evaluate_rounds`` says after which rounds the nodes evaluate the
     global model on their local test split (every round when None); the server evaluates
     it centrally after every round regardless. Rounds are the run's own numbers (a run that
     resumes after round 3 goes on with round 4), for the nodes and the records alike.
     """
 
-    def __init__(self, *, evaluate_rounds: set[int] | None = None, **kwargs) -> None:
+    def __init__(self, *, evaluate_rounds: set[int] | None = None, teacher: ArrayRecord | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.evaluate_rounds = evaluate_rounds
+        self.teacher = teacher  # a distilled arm's teacher model: sent with every training message as "teacher"
         self.rounds: dict[int, RoundLog] = {}
 
     def evaluates(self, server_round: int) -> bool:
@@ -74,6 +80,8 @@ class Recording(FedAvg):
         log.started = log.started or time.time()  # a retried round counts from its first attempt
         messages = list(super().configure_train(server_round, arrays, config, grid))
         for message in messages:
+            if self.teacher is not None:
+                message.content[TEACHER] = self.teacher
             log.count(message.metadata.dst_node_id, "down", serialized_bytes(message.content))
         return messages
 

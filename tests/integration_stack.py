@@ -157,7 +157,8 @@ def table_run(stack, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def colour_run(stack, tmp_path_factory):
-    """An RGB image folder of mixed sizes: MNIST digits 0-2 drawn in random colours, 20 to 32 pixels a side."""
+    """An RGB image folder of mixed sizes: MNIST digits 0-2 drawn in random colours, 20 to 32 pixels a side;
+    with the small model distilled from the large one."""
     from PIL import Image
 
     mnist = load_dataset("mnist")
@@ -171,7 +172,7 @@ def colour_run(stack, tmp_path_factory):
             side = int(rng.integers(20, 33))
             Image.fromarray(rgb, mode="RGB").resize((side, side)).save(folder / str(digit) / f"{i}.png")
     config = {"rounds": 1, "data": {"dataset": str(folder), "image_size": [24, 24]},
-              "deployment": {"enabled": False}}
+              "deployment": {"enabled": False}, "distill": {"enabled": True}}  # and the small model distilled
     return _demo(stack, "--config", json.dumps(config))
 
 

@@ -276,7 +276,7 @@ def test_an_unscaled_table_with_categories_and_empty_cells_trains_like_its_centr
     assert {"large", "small", "nb"} <= set(report["arms"]) and report["recommendation"]["text"]
 
 
-def test_an_rgb_image_folder_of_mixed_sizes_trains_with_its_three_channels(colour_run):
+def test_an_rgb_image_folder_of_mixed_sizes_trains_with_its_three_channels_and_distils_the_small_arm(colour_run):
     state, run_id, _ = colour_run
     store = open_store(f"file://{state}/store")
     report = store.get_json(report_key(run_id))
@@ -287,6 +287,15 @@ def test_an_rgb_image_folder_of_mixed_sizes_trains_with_its_three_channels(colou
         assert checkpoint["model"]["args"]["input_shape"] == [3, 24, 24], "three channels, resized to image_size"
         assert 0.0 <= report["arms"][arm]["final_accuracy"] <= 1.0
     assert report["federation"]["preprocessing"] is None, "images need no statistics"
+    # the distilled arm: the small model, taught by the large arm's final model, sent with its training messages
+    distilled = report["arms"]["small-distilled"]
+    assert (distilled["kind"], distilled["model"], distilled["distilled_from"]) == ("small", "logreg", "large")
+    config = store.get_json(f"runs/{run_id}/small-distilled/round-0001/checkpoint.json")["config"]
+    assert (config["teacher-arm"], config["teacher-model"]) == ("large", "cnn")
+    (small_round,), (distilled_round,) = round_metrics(store, run_id, "small"), round_metrics(store, run_id,
+                                                                                               "small-distilled")
+    assert distilled_round["bytes_down"] > small_round["bytes_down"] + 4 * 1_000_000, "the teacher's 1.3M weights"
+    assert 0.0 <= distilled["final_accuracy"] <= 1.0 and distilled["reference"]["accuracy"] > 0
     assert sum(n["num-train"] + n["num-test"] for n in report["federation"]["nodes"]) == 96  # 120 less the 20%
 
 

@@ -183,3 +183,26 @@ def test_a_bad_extra_arm_is_refused_naming_it(extra, message) -> None:
 
     with pytest.raises(ValueError, match=message):  # the one line `fedcompare demo --config` prints
         parse_overrides(json.dumps({"extra_arms": extra}))
+
+
+def test_distill_adds_a_small_arm_taught_by_the_large_one_after_it_and_refuses_privacy() -> None:
+    from flows.preparation import plan_variants
+
+    config = CompareConfig.model_validate({"distill": {"enabled": True, "temperature": 3.0}})
+
+    groups = [[(v.name, v.kind, v.arm, v.teacher) for v in group] for group in plan_variants(config)]
+    spec = config.run_spec("small", arm="small-distilled", model="logreg", run_key="k", store_uri="file:///s",
+                           nodes=[1], teacher=("large", "cnn"))
+
+    assert groups == [[("large", "large", "large", ""), ("small", "small", "small", "")],
+                      [("small-distilled", "small", "small", "large")]]
+    assert (spec.teacher_arm, spec.teacher_model, spec.distill.temperature, spec.distill.alpha) == (
+        "large", "cnn", 3.0, CompareConfig().distill.alpha)
+    assert RunSpec.from_run_config(spec.to_run_config()) == spec
+    assert _arm(config).teacher_arm == "", "the plain arms are not distilled"
+    with pytest.raises(ValidationError, match="distill.enabled: a distilled arm learns from its teacher's soft labels"):
+        CompareConfig.model_validate({"distill": {"enabled": True}, "privacy": {"mode": "client-level"}})
+    with pytest.raises(ValueError, match="privacy.mode: a distilled arm learns from its teacher's soft labels"):
+        RunSpec.from_run_config({**spec.to_run_config(), "privacy-mode": "client-level"})
+    with pytest.raises(ValueError, match="teacher-arm and teacher-model go together"):
+        RunSpec.from_run_config({**PYPROJECT, "teacher-arm": "large"})
