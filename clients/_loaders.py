@@ -19,7 +19,7 @@ import numpy as np
 from clients._cache import _cached
 from clients._dataset import Dataset, as_cells, is_text
 
-SHIPPED_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer")
+SHIPPED_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer", "rotten-tomatoes")
 FILE_SUFFIXES = (".csv", ".npz")
 _MNIST_PIXEL_MAX = 255.0
 # Debian's dataset-fashion-mnist package (MIT): the 60,000 training and 10,000 test images as gzipped idx files
@@ -35,8 +35,16 @@ def load_dataset(source: str, *, label_column: str = "label", image_size: tuple[
 
     ``image_size`` (H, W): the size every image of an image folder is resized to (None: the first image's).
     ``partition_by``: a CSV column whose values say which node a row belongs to; it leaves the
-    features and becomes the dataset's ``groups`` (the "by-column" partitioning).
+    features and becomes the dataset's ``groups`` (the "by-column" partitioning); ``rotten-tomatoes``
+    always has its movies as groups and accepts only its column "movie_name".
     """
+    if source == "rotten-tomatoes":
+        from clients._rotten_tomatoes import GROUP_COLUMN, load_rotten_tomatoes  # only text nodes pay for it
+
+        if partition_by not in ("", GROUP_COLUMN):
+            raise ValueError(f"dataset 'rotten-tomatoes' can be partitioned by {GROUP_COLUMN!r} only, got "
+                             f"data.partition_by {partition_by!r}; set it to {GROUP_COLUMN!r} or leave it empty")
+        return load_rotten_tomatoes()
     if partition_by:
         if Path(source).suffix.lower() != ".csv":
             raise ValueError(f"data.partition_by {partition_by!r} names a column, so the dataset must be a .csv "

@@ -3,8 +3,8 @@
 Every function here is deterministic for its ``seed``: the same arguments give
 byte-identical arrays in a fresh process. No torch, Flower or Prefect import. The
 dataset type lives in ``clients._dataset``, the loaders in ``clients._loaders`` (their
-cache in ``clients._cache``) and the partition schemes in ``clients._partition``; this
-module is their public face.
+cache in ``clients._cache``, the text set ``rotten-tomatoes`` in ``clients._rotten_tomatoes``)
+and the partition schemes in ``clients._partition``; this module is their public face.
 
 How a node gets its data from the run's dataset (``node_data``):
 
