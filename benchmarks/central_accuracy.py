@@ -17,6 +17,13 @@ Measured (mnist, seed 0, 2 CPU cores, 10 epochs; 2,000 pool images, 1,000 test i
 cnn 0.967 (0.955 after 4 epochs, about 2.3 s per epoch), logreg 0.894, torch-logreg 0.913,
 mlp 0.913. Ceilings of dirichlet(0.5) arms, nodes 0,1 / 2,3: cnn 0.952 / 0.952,
 logreg 0.829 / 0.863, torch-logreg 0.874 / 0.876.
+
+Measured (rotten-tomatoes, seed 0, 2 shared CPU cores with OMP_NUM_THREADS=1, 5 epochs,
+``--train-fraction 1.0``: all 10,246 pool reviews, 2,562 test reviews, majority class 0.578):
+mnb 0.758 (closed form, 0.2 s), tfidf-logreg 0.770 0.780 0.778 0.776 0.769 per epoch (6 s CPU
+per epoch), transformer 0.743 0.757 0.739 0.743 0.733 (20 s CPU per epoch, 2.2 M parameters),
+bilstm 0.755 0.769 0.758 0.747 0.750 (22 s CPU per epoch, 2.2 M parameters): all three peak
+after 2 epochs, the defaults below.
 """
 
 from __future__ import annotations
@@ -40,13 +47,19 @@ DEFAULTS = {
     "mlp": {"epochs": 10, "batch_size": 32, "learning_rate": 1e-3},
     "logreg": {"epochs": 10, "batch_size": 32, "learning_rate": 1e-2},
     "torch-logreg": {"epochs": 10, "batch_size": 32, "learning_rate": 3e-3},
+    # text (rotten-tomatoes); mnb counts in closed form: one epoch is the model
+    "transformer": {"epochs": 2, "batch_size": 32, "learning_rate": 1e-3},
+    "bilstm": {"epochs": 2, "batch_size": 32, "learning_rate": 3e-3},
+    "mnb": {"epochs": 1, "batch_size": 32, "learning_rate": 1e-2},
+    "tfidf-logreg": {"epochs": 2, "batch_size": 32, "learning_rate": 2e-2},
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="mnist", help="mnist, digits, breast-cancer or a .csv/.npz path")
+    parser.add_argument("--dataset", default="mnist",
+                        help="mnist, fashion-mnist, digits, breast-cancer, rotten-tomatoes or a .csv/.npz path")
     parser.add_argument("--models", default="cnn,logreg", help=f"comma list of {', '.join(MODEL_NAMES)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--central-test-fraction", type=float, default=0.2)

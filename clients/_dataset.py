@@ -1,4 +1,6 @@
-"""The dataset type every part of fedcompare passes around: features, labels and, for tables, their raw cells."""
+"""The dataset type every part of fedcompare passes around: features, labels and, for tables, their raw cells.
+
+Text datasets hold hashed word ids (``clients.text.token_ids``) instead of float features."""
 
 from __future__ import annotations
 
@@ -8,14 +10,16 @@ from typing import Literal
 
 import numpy as np
 
-DatasetKind = Literal["image", "tabular"]
+DatasetKind = Literal["image", "tabular", "text"]
 
 
 @dataclass(frozen=True)
 class Dataset:
     """Features and integer labels of one dataset (or a subset of it)."""
 
-    x: np.ndarray  # float32; images (N, C, H, W), tabular (N, F); NaN: a missing or non-numeric cell of a raw table
+    # float32 images (N, C, H, W) or tabular (N, F), NaN: a missing or non-numeric cell of a raw table;
+    # int64 text (N, L): hashed word ids, left-aligned, 0 = padding (clients.text.token_ids)
+    x: np.ndarray
     y: np.ndarray  # int64 labels in 0..num_classes-1
     num_classes: int  # classes of the whole dataset, also when a subset lacks some
     name: str  # where it came from: "mnist", "digits", a file name
@@ -25,11 +29,15 @@ class Dataset:
 
     def __post_init__(self) -> None:
         """Reject arrays that do not fit the dataset contract."""
-        if self.x.dtype != np.float32 or self.y.dtype != np.int64:
+        text = self.x.dtype == np.int64
+        if not (self.x.dtype == np.float32 or text) or self.y.dtype != np.int64:
             raise ValueError(
-                f"dataset {self.name!r}: expected x float32 and y int64, got x {self.x.dtype} "
-                f"and y {self.y.dtype}; build datasets with load_dataset or cast the arrays"
+                f"dataset {self.name!r}: expected x float32 and y int64 (x int64: a text's hashed token ids), got x "
+                f"{self.x.dtype} and y {self.y.dtype}; build datasets with load_dataset or cast the arrays"
             )
+        if text and (self.x.ndim != 2 or self.columns or self.cells is not None or (self.x.size and self.x.min() < 0)):
+            raise ValueError(f"dataset {self.name!r}: int64 features are hashed token ids (N, L) >= 0 without columns "
+                             f"or cells, got shape {self.x.shape}; build them with clients.text.token_ids")
         if self.x.ndim not in (2, 4) or self.y.ndim != 1 or len(self.x) != len(self.y):
             raise ValueError(
                 f"dataset {self.name!r}: expected x of shape (N, F) or (N, C, H, W) and y of "
@@ -58,7 +66,9 @@ class Dataset:
 
     @property
     def kind(self) -> DatasetKind:
-        """Return "image" for (N, C, H, W) features and "tabular" for (N, F)."""
+        """Return "image" for (N, C, H, W) features, "text" for int64 token ids (N, L) and "tabular" for (N, F)."""
+        if self.x.dtype == np.int64:
+            return "text"
         return "image" if self.x.ndim == 4 else "tabular"
 
     @property
@@ -71,7 +81,7 @@ class Dataset:
     @property
     def raw(self) -> bool:
         """Return whether this is a table with text or missing cells, which needs a preprocessing spec to train on."""
-        return self.cells is not None or bool(np.isnan(self.x).any())
+        return self.cells is not None or (self.kind != "text" and bool(np.isnan(self.x).any()))
 
     def subset(self, idx: np.ndarray) -> Dataset:
         """Return the examples at ``idx`` (in that order) as a new dataset."""

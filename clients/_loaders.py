@@ -7,21 +7,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib.util
 import math
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from clients._cache import _cached
 from clients._dataset import Dataset, as_cells, is_text
 
-SHIPPED_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer")
+SHIPPED_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer", "rotten-tomatoes")
 FILE_SUFFIXES = (".csv", ".npz")
 _MNIST_PIXEL_MAX = 255.0
 # Debian's dataset-fashion-mnist package (MIT): the 60,000 training and 10,000 test images as gzipped idx files
@@ -37,8 +35,16 @@ def load_dataset(source: str, *, label_column: str = "label", image_size: tuple[
 
     ``image_size`` (H, W): the size every image of an image folder is resized to (None: the first image's).
     ``partition_by``: a CSV column whose values say which node a row belongs to; it leaves the
-    features and becomes the dataset's ``groups`` (the "by-column" partitioning).
+    features and becomes the dataset's ``groups`` (the "by-column" partitioning); ``rotten-tomatoes``
+    always has its movies as groups and accepts only its column "movie_name".
     """
+    if source == "rotten-tomatoes":
+        from clients._rotten_tomatoes import GROUP_COLUMN, load_rotten_tomatoes  # only text nodes pay for it
+
+        if partition_by not in ("", GROUP_COLUMN):
+            raise ValueError(f"dataset 'rotten-tomatoes' can be partitioned by {GROUP_COLUMN!r} only, got "
+                             f"data.partition_by {partition_by!r}; set it to {GROUP_COLUMN!r} or leave it empty")
+        return load_rotten_tomatoes()
     if partition_by:
         if Path(source).suffix.lower() != ".csv":
             raise ValueError(f"data.partition_by {partition_by!r} names a column, so the dataset must be a .csv "
@@ -128,38 +134,6 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-_KEYED = Path()  # a ``_cached`` source meaning: the name is the whole key
-
-
-def _cached(name: str, source: Path | None, parse: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Return ``parse()``'s arrays, cached as ``<name>-<size>-<mtime>.npz`` of the ``source`` file they come from.
-
-    With ``source`` ``_KEYED`` the cache file is ``<name>.npz``: the name holds a hash of the inputs.
-    Every Flower message starts a fresh ClientApp process, so parsing (and the imports
-    parsing needs, such as scikit-learn's 1-2 s) would be paid per message. The cache
-    lives in ``$FEDCOMPARE_CACHE_DIR`` (default ``~/.cache/fedcompare``) and is only an
-    accelerator: a missing ``source``, an unreadable or corrupt cache or an unwritable
-    directory falls back to parsing.
-    """
-    if source is _KEYED:  # ``name`` already says everything the arrays depend on
-        cached = _cache_dir() / f"{name}.npz"
-    else:
-        try:
-            stat = source.stat() if source else None
-        except OSError:
-            stat = None
-        if stat is None:
-            return parse()
-        cached = _cache_dir() / f"{name}-{stat.st_size}-{stat.st_mtime_ns}.npz"
-    try:
-        with np.load(cached) as arrays:
-            return {key: arrays[key] for key in arrays.files}
-    except (OSError, KeyError, ValueError, EOFError):
-        arrays = parse()
-        _write_cache(cached, **arrays)
-        return arrays
-
-
 def _sklearn_data_file(name: str) -> Path | None:
     """Return the path of a data file shipped with scikit-learn, found without importing it (None if absent)."""
     spec = importlib.util.find_spec("sklearn")
@@ -168,27 +142,6 @@ def _sklearn_data_file(name: str) -> Path | None:
         if path.is_file():
             return path
     return None
-
-
-def _cache_dir() -> Path:
-    """Return the directory of parsed-dataset caches."""
-    return Path(os.environ.get("FEDCOMPARE_CACHE_DIR") or Path.home() / ".cache" / "fedcompare")
-
-
-def _write_cache(path: Path, **arrays: np.ndarray) -> None:
-    """Write ``arrays`` to ``path`` atomically (temp file, then rename); give up quietly on OSError."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False)
-    except OSError:
-        return
-    try:
-        with handle:
-            np.savez(handle, **arrays)
-        os.replace(handle.name, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(handle.name)
 
 
 def _load_digits() -> Dataset:

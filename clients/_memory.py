@@ -90,7 +90,12 @@ def training_memory_breakdown(
 ) -> dict[str, int]:
     """Return the estimate's parts in bytes: parameters, gradients, optimizer, activations, workspace, dp."""
     with torch.random.fork_rng(devices=[]):  # weights do not matter; the caller's RNG stays untouched
-        network = build_network(model_name, input_shape=input_shape, num_classes=num_classes)
+        if model_name in ("transformer", "bilstm"):  # text: fed all-padding rows, read as word ids
+            from clients._text_models import build_text_network
+
+            network = build_text_network(model_name, input_shape=input_shape, num_classes=num_classes)
+        else:
+            network = build_network(model_name, input_shape=input_shape, num_classes=num_classes)
     params = 4 * sum(p.numel() for p in network.parameters() if p.requires_grad)
     one, largest_one = saved_activation_bytes(network, input_shape=input_shape, batch_size=1)
     two, largest_two = saved_activation_bytes(network, input_shape=input_shape, batch_size=2)

@@ -100,3 +100,24 @@ def classification_metrics(
         "macro_f1": float(f1.mean()),
         "num_examples": int(len(y_true)),
     }
+
+
+def check_text_data(model_name: str, data: Dataset) -> None:
+    """Raise ValueError when ``data`` is not text (hashed token ids), which the text models read."""
+    if data.kind != "text":
+        raise ValueError(
+            f"model {model_name!r} reads hashed word ids (a text dataset such as 'rotten-tomatoes'), got dataset "
+            f"{data.name!r} of kind {data.kind!r}; pick an image or tabular model for it"
+        )
+
+
+def checked_weight_decay(model_name: str, weight_decay: float | None, *, has_weights: bool = True) -> float:
+    """Return the L2 penalty to use (None: 0.0); raise ValueError outside [0, 1] or for a model without weights."""
+    if weight_decay is None:
+        return 0.0
+    if not 0.0 <= weight_decay <= 1.0:
+        raise ValueError(f"model {model_name!r}: weight_decay must lie in [0, 1], got {weight_decay}; 1e-4 is typical")
+    if weight_decay and not has_weights:
+        raise ValueError(f"model {model_name!r} has no weights to decay (its parameters are counts), got "
+                         f"weight_decay={weight_decay}; leave weight_decay empty for it")
+    return float(weight_decay)

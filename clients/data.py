@@ -2,8 +2,9 @@
 
 Every function here is deterministic for its ``seed``: the same arguments give
 byte-identical arrays in a fresh process. No torch, Flower or Prefect import. The
-dataset type lives in ``clients._dataset``, the loaders in ``clients._loaders`` and the
-partition schemes in ``clients._partition``; this module is their public face.
+dataset type lives in ``clients._dataset``, the loaders in ``clients._loaders`` (their
+cache in ``clients._cache``, the text set ``rotten-tomatoes`` in ``clients._rotten_tomatoes``)
+and the partition schemes in ``clients._partition``; this module is their public face.
 
 How a node gets its data from the run's dataset (``node_data``):
 
@@ -22,9 +23,8 @@ from importlib import metadata
 import numpy as np
 
 from clients._dataset import Dataset, DatasetKind, concatenate
-from clients._loaders import (
-    FASHION_MNIST_DIR, FILE_SUFFIXES, SHIPPED_DATASETS, Table, _cached, _KEYED, load_dataset, read_csv, read_npz,
-)
+from clients._cache import _cached, _KEYED
+from clients._loaders import FASHION_MNIST_DIR, FILE_SUFFIXES, SHIPPED_DATASETS, Table, load_dataset, read_csv, read_npz
 from clients._partition import PARTITION_SCHEMES, partition
 
 __all__ = [

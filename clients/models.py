@@ -6,6 +6,13 @@ when ``build_model`` builds a torch model.
 
 Every model exchanges its parameters as an ordered ``dict[str, np.ndarray]`` and
 reports metrics as flat ``dict[str, float]`` with the same keys for every model.
+A model whose arrays are sums over its examples (``summed_arrays``: the naive Bayes
+counts of "mnb") is averaged exactly by FedAvg only as shares: the node sends
+``to_shares(arrays, its examples)``, the server applies ``restore_sums(mean, the round's
+examples)`` to the aggregate.
+
+Text models ("transformer", "bilstm", "mnb", "tfidf-logreg") read text datasets: hashed
+word ids (``clients.text``), ``Dataset.kind == "text"``.
 """
 
 from __future__ import annotations
@@ -17,12 +24,15 @@ import numpy as np
 from clients._model_checks import OPTIMIZERS
 from clients.data import Dataset
 
-LARGE_MODELS = ("cnn", "cnn-dp", "mlp")
-SMALL_MODELS = ("logreg", "torch-logreg", "gnb")
-SKLEARN_MODELS = ("logreg", "gnb")  # numpy/scikit-learn models: CPU only, no DP-SGD
+LARGE_MODELS = ("cnn", "cnn-dp", "mlp", "transformer", "bilstm")
+SMALL_MODELS = ("logreg", "torch-logreg", "gnb", "mnb", "tfidf-logreg")
+SKLEARN_MODELS = ("logreg", "gnb", "mnb", "tfidf-logreg")  # numpy/scikit-learn models: CPU only, no DP-SGD
 MODEL_NAMES = LARGE_MODELS + SMALL_MODELS
-TORCH_MODELS = ("cnn", "cnn-dp", "mlp", "torch-logreg")
-STATISTICS_MODELS = ("gnb",)  # parameters are class statistics, not weights: no learning rate or weight decay
+TORCH_MODELS = ("cnn", "cnn-dp", "mlp", "torch-logreg", "transformer", "bilstm")
+TEXT_MODELS = ("transformer", "bilstm", "mnb", "tfidf-logreg")  # read text datasets (hashed word ids) only
+STATISTICS_MODELS = ("gnb", "mnb")  # parameters are class statistics, not weights: no learning rate or weight decay
+# arrays that are sums over a node's examples: FedAvg averages them exactly as shares (to_shares, restore_sums)
+SUMMED_ARRAYS = {"mnb": ("class_count", "feature_count")}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -101,6 +111,11 @@ def build_model(
                 f"model {name!r} (numpy/scikit-learn) runs on the CPU only, got device={device!r}; "
                 f"use device='cpu' or the model 'torch-logreg' for a GPU"
             )
+        if name in ("mnb", "tfidf-logreg"):
+            from clients._text_small import MultinomialNaiveBayes, TfidfLogisticRegression
+
+            small = MultinomialNaiveBayes if name == "mnb" else TfidfLogisticRegression
+            return small(input_shape=input_shape, num_classes=num_classes, seed=seed)
         if name == "gnb":
             from clients._naive_bayes import GaussianNaiveBayes
 
@@ -108,6 +123,11 @@ def build_model(
         from clients._sklearn_models import SgdLogisticRegression
 
         return SgdLogisticRegression(input_shape=input_shape, num_classes=num_classes, seed=seed)
+    if name in TEXT_MODELS:
+        from clients._text_models import build_text_model  # imports torch
+
+        return build_text_model(name, input_shape=input_shape, num_classes=num_classes, seed=seed, device=device,
+                                private=private)
     from clients._torch_models import build_torch_model  # the only torch import path
 
     return build_torch_model(name, input_shape=input_shape, num_classes=num_classes, seed=seed, device=device,
@@ -146,13 +166,50 @@ def estimate_training_memory_bytes(
 
 
 def resolve_large_model(name: str, kind: str) -> str:
-    """Return the large model for a dataset kind: "auto" means "cnn" for images, "mlp" for tabular."""
-    if kind not in ("image", "tabular"):
-        raise ValueError(f"dataset kind must be 'image' or 'tabular', got {kind!r}")
+    """Return the large model for a dataset kind: "auto": "cnn" for images, "mlp" for tables, "transformer" for text."""
+    if kind not in ("image", "tabular", "text"):
+        raise ValueError(f"dataset kind must be 'image', 'tabular' or 'text', got {kind!r}")
     if name == "auto":
-        return "cnn" if kind == "image" else "mlp"
+        return {"image": "cnn", "tabular": "mlp", "text": "transformer"}[kind]
     if name not in LARGE_MODELS:
         raise ValueError(f"unknown large model {name!r}: expected 'auto' or one of {', '.join(LARGE_MODELS)}")
+    if (name in TEXT_MODELS) != (kind == "text"):
+        fit = "transformer, bilstm" if kind == "text" else "cnn, cnn-dp, mlp" if kind == "image" else "mlp"
+        raise ValueError(f"large model {name!r} does not read {kind} data; use {fit} or 'auto'")
     if name in ("cnn", "cnn-dp") and kind == "tabular":
         raise ValueError(f"large model {name!r} needs image data but the dataset is tabular; use 'mlp' or 'auto'")
     return name
+
+
+def summed_arrays(model_name: str) -> tuple[str, ...]:
+    """Return the names of model ``model_name``'s arrays that are sums over examples (() for most models)."""
+    return SUMMED_ARRAYS.get(model_name, ())
+
+
+def to_shares(arrays: dict[str, np.ndarray], num_examples: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Return ``arrays`` with the summed arrays ``names`` divided by the node's ``num_examples`` (its reply to FedAvg).
+
+    FedAvg weighs every node by its examples, so the weighted mean of the shares is the
+    federation's sums divided by the round's total examples; ``restore_sums`` multiplies back.
+    """
+    if num_examples < 1:
+        raise ValueError(f"to_shares needs the node's number of training examples (>= 1), got {num_examples}")
+    return {key: np.asarray(value, dtype=np.float64) / num_examples if key in names else value
+            for key, value in arrays.items()}
+
+
+def restore_sums(arrays: dict[str, np.ndarray], total_examples: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Return FedAvg's mean ``arrays`` with the shared arrays ``names`` multiplied by the round's ``total_examples``.
+
+    ``total_examples`` is the sum of the num-examples weights of the replies that were
+    averaged; the result holds the federation's exact sums (up to float rounding).
+    Raises ValueError when a name is not among the arrays (the wrong model's names).
+    """
+    missing = [name for name in names if name not in arrays]
+    if missing:
+        raise ValueError(f"restore_sums: no array {', '.join(map(repr, missing))} among {', '.join(arrays)}; "
+                         "pass summed_arrays() of the model that made these arrays")
+    if total_examples < 1:
+        raise ValueError(f"restore_sums needs the round's total examples (>= 1), got {total_examples}")
+    return {key: np.asarray(value, dtype=np.float64) * total_examples if key in names else value
+            for key, value in arrays.items()}

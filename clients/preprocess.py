@@ -56,10 +56,15 @@ def _has_text(column: np.ndarray) -> bool:
     return any(is_text(cell) for cell in np.unique(column))
 
 
+def _what(ds: Dataset) -> str:
+    """Return what a dataset that is not a table holds, in words: "images" or "text"."""
+    return "images" if ds.kind == "image" else "text"
+
+
 def local_stats(ds: Dataset) -> dict[str, Any]:
     """Return the statistics of one node's raw training table: counts and sums only, never a row."""
     if ds.kind != "tabular":
-        raise PreprocessingError(f"dataset {ds.name!r} holds images; preprocessing statistics are for tables")
+        raise PreprocessingError(f"dataset {ds.name!r} holds {_what(ds)}; preprocessing statistics are for tables")
     columns: dict[str, dict[str, Any]] = {}
     for j, (name, kind) in enumerate(zip(ds.feature_names, column_kinds(ds))):
         if kind == "numeric":
@@ -247,7 +252,7 @@ def feature_names(spec: Mapping[str, Any]) -> list[str]:
 def apply_spec(spec: Mapping[str, Any], ds: Dataset) -> Dataset:
     """Return the raw table ``ds`` as the spec's float32 features; raise PreprocessingError when its columns differ."""
     if ds.kind != "tabular":
-        raise PreprocessingError(f"dataset {ds.name!r} holds images; a preprocessing spec applies to tables only")
+        raise PreprocessingError(f"dataset {ds.name!r} holds {_what(ds)}; a preprocessing spec applies to tables only")
     wanted = [c["name"] for c in spec["columns"]]
     if list(ds.feature_names) != wanted:
         missing = [n for n in wanted if n not in ds.feature_names]

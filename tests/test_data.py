@@ -242,8 +242,8 @@ def test_npz_without_labels_is_rejected(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_lists_the_accepted_names() -> None:
-    accepted = ("expected one of mnist, fashion-mnist, digits, breast-cancer, a path ending in .csv or .npz or an "
-                "image folder")
+    accepted = ("expected one of mnist, fashion-mnist, digits, breast-cancer, rotten-tomatoes, a path ending in "
+                ".csv or .npz or an image folder")
     with pytest.raises(ValueError, match=accepted):
         load_dataset("cifar10")
 

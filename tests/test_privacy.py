@@ -285,7 +285,7 @@ def test_an_arm_can_train_a_more_compact_model_under_dp():
     only_private = CompareConfig.model_validate({**settings, "privacy": {"mode": "sample-level"}})
     assert _large_need_bytes(only_private, models, None) == private
 
-    with pytest.raises(ValueError, match="large.dp_model: expected one of auto, cnn, cnn-dp, mlp, got 'logreg'"):
+    with pytest.raises(ValueError, match="large.dp_model: expected one of auto, cnn, cnn-dp, mlp, transformer, bilstm, got 'logreg'"):
         CompareConfig.model_validate({**settings, "large": {**settings["large"], "dp_model": "logreg"}})
     with pytest.raises(ValueError, match="small.dp_model\): sample-level DP-SGD .*the scikit-learn 'logreg'"):
         CompareConfig.model_validate({**settings, "small": {**settings["small"], "dp_model": "logreg"}})
