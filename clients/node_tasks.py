@@ -24,7 +24,7 @@ import numpy as np
 
 from clients._energy import EnergyMeter  # stdlib only: codecarbon loads when a meter is created
 from clients.data import Dataset, load_dataset, node_data, split_local
-from clients.models import Model, build_model
+from clients.models import Model, build_model, summed_arrays, to_shares
 from clients.node_data import check_compatible, load_node_data, summarize
 from clients.preprocess import local_stats, prepare, spec_digest
 from clients.spec import RunSpec
@@ -289,7 +289,8 @@ def train(task: Task, facts: NodeFacts) -> Result:
     applied = {"preprocessing-digest": float(spec_digest(run.preprocessing_spec))} if run.preprocessing_spec else {}
     values = {"num-examples": len(train_set.y), **_floats(metrics, "num_examples", *_withheld(run)),
               **_resources(model.device), **energy.metrics("train"), **private, **applied}
-    return Result(values, arrays=model.get_arrays())
+    # counts travel as shares of the node's examples; the server multiplies FedAvg's mean back into sums
+    return Result(values, arrays=to_shares(model.get_arrays(), len(train_set.y), summed_arrays(training.model)))
 
 
 def _fit_distilled(run: RunSpec, facts: NodeFacts, model: Model, train_set: Dataset,

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal, Mapping
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from clients._spec_rules import (  # noqa: F401 (the rules are the spec's: imported from here)
-    DISTILL_UNDER_DP, ROUND_ATTEMPTS, aggregation_conflict, longest_round_s, privacy_conflict,
+    DISTILL_UNDER_DP, ROUND_ATTEMPTS, aggregation_conflict, longest_round_s, privacy_conflict, sums_conflict,
 )
 from clients.models import MODEL_NAMES, has_weights
 
@@ -274,6 +274,10 @@ class RunSpec(CommonSpec):
         conflict = privacy_conflict(self.training.model, self.privacy.mode) if self.mode == "train" else None
         if conflict:
             raise ValueError(f"privacy.mode: {conflict}")
+        conflict = sums_conflict(self.training.model, privacy_mode=self.privacy.mode,
+                                 max_update_norm=self.training.max_update_norm) if self.mode == "train" else None
+        if conflict:
+            raise ValueError(f"training.model: {conflict}")
         if bool(self.teacher_arm) != bool(self.teacher_model) or (self.teacher_model and
                                                                    self.teacher_model not in MODEL_NAMES):
             raise ValueError(f"teacher-arm and teacher-model go together, the model from the zoo ({', '.join(MODEL_NAMES)}); "

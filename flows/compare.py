@@ -17,6 +17,7 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 
 from clients.centralized import train_centralized
+from clients.models import TEXT_MODELS
 from clients.spec import longest_round_s
 from flows.assignment import assign_nodes, node_table
 from flows.config import CompareConfig, resolve_store_uri, resolve_superlink
@@ -170,16 +171,21 @@ def deploy(arm: str, config: CompareConfig, run_key: str, store_uri: str, partit
 
 def _deploy_all(config: CompareConfig, run_key: str, store_uri: str, nodes: list[dict[str, Any]],
                 assignment: dict[str, list[int]], variants: list[Variant],
-                spec: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+                spec: dict[str, Any] | None, models: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Deploy every arm's final model, one after another (each measurement wants the CPU to itself)."""
     if not config.deployment.enabled:
         return {}
     pooled = not any(n.get("data-source") == "node-file" for n in nodes)
     partitions = {n["node_id"]: n["partition-id"] for n in nodes}
+    exportable = [v for v in variants if arm_model(models, v.arm, v.epsilon) not in TEXT_MODELS]
+    for v in variants:
+        if v not in exportable:
+            get_run_logger().warning("%s arm: no ONNX export of the text model %s yet; it is not deployed or priced "
+                                     "for serving", v.name, arm_model(models, v.arm, v.epsilon))
     return {v.name: deploy(v.name, config, run_key, store_uri,
                            sorted(partitions[n] for n in assignment[v.kind]) if pooled else None,
                            nodes[0]["num-partitions"], v.epsilon is not None, spec)
-            for v in variants}
+            for v in exportable}
 
 
 @task(name="publish-report")
@@ -301,6 +307,6 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
                               **({"distilled_from": v.teacher} if v.teacher else {})} for v in group})
 
     references = _references(config, models, federation["nodes"], assignment, variants, spec, run_key, store_uri)
-    deployments = _deploy_all(config, run_key, store_uri, federation["nodes"], assignment, variants, spec)
+    deployments = _deploy_all(config, run_key, store_uri, federation["nodes"], assignment, variants, spec, models)
     report = publish_report(config, run_key, store_uri, federation, assignment, arms, references, deployments)
     return {"run_key": run_key, "summary": summary_rows(report)}

@@ -12,7 +12,7 @@ from pydantic import Field, StringConstraints, ValidationError, field_validator,
 
 from clients.spec import (
     DISTILL_UNDER_DP, FEDERATED, ArmSpec, CommonSpec, DataSpec, DistillSpec, RunSpec, aggregation_conflict,
-    describe_errors, privacy_conflict,
+    describe_errors, privacy_conflict, sums_conflict,
 )
 from flows.decision import CostModel
 from flows.sections import (  # noqa: F401 (re-exported: the config's sections are imported from here)
@@ -132,6 +132,10 @@ class CompareConfig(CommonSpec):
                 names = LARGE_MODELS if kind == "large" else SMALL_MODELS
                 if model is not None and model not in names:
                     raise ValueError(f"{where}.{field}: expected one of {', '.join(names)}, got {model!r} ({kind} models)")
+            mode = self.privacy.mode if self.privacy.covers(kind) else "none"
+            conflict = sums_conflict(arm.model, privacy_mode=mode, max_update_norm=arm.max_update_norm)
+            if conflict:
+                raise ValueError(f"{where}.model: {conflict}")
             conflict = privacy_conflict(arm.dp_model or arm.model, self.privacy.mode) if self.privacy.covers(kind) \
                 else None
             if conflict:

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 
 from clients.data import Dataset, load_dataset
 from clients.preprocess import PreprocessingError, build_spec, describe, prepare
-from clients.models import TORCH_MODELS, estimate_training_memory_bytes, resolve_large_model
+from clients.models import TEXT_MODELS, TORCH_MODELS, estimate_training_memory_bytes, resolve_large_model
 from flows.config import DISTILLED_ARM, CompareConfig
 from flows.following import exists, run_failed, submit, wait_for
 from infra.checkpoints import federation_key
@@ -77,7 +77,15 @@ def resolve_models(config: CompareConfig) -> dict[str, str]:
     for base, kind in config.arm_kinds().items():
         arm = config.arm(base)
         for key, name in ((base, arm.model), (f"{base}-dp", arm.model_at(_ANY_EPSILON))):
-            models[key] = resolve_large_model(name, dataset.kind) if kind == "large" else name
+            try:
+                models[key] = resolve_large_model(name, dataset.kind) if kind == "large" else name
+            except ValueError as exc:
+                raise ValueError(f"{config.where(base)}.model: {exc}") from None
+            if (models[key] in TEXT_MODELS) != (dataset.kind == "text"):
+                reads = "text (hashed word ids)" if models[key] in TEXT_MODELS else "images or tables"
+                raise ValueError(f"{config.where(base)}.model: {models[key]!r} reads {reads}, but "
+                                 f"{config.data.dataset!r} is a {dataset.kind} dataset: pick one of "
+                                 f"{', '.join(m for m in TEXT_MODELS if dataset.kind == 'text') or 'the other models'}")
     return models
 
 

@@ -12,7 +12,8 @@ from clients import models as zoo
 from clients.preprocess import PreprocessingError, check_spec
 from clients.spec import ArmSpec, DataSpec, DistillSpec, PrivacySpec, Spec
 
-BUILTIN_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer")
+BUILTIN_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer", "rotten-tomatoes")
+BUILTIN_GROUPS = {"rotten-tomatoes": ("movie_name",)}  # columns of a built-in set that partition_by may name
 DATA_SUFFIXES = (".csv", ".npz")
 ARM_NAME = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"  # an extra arm's name: lower case words joined by dashes
 KINDS = ("large", "small")  # the two kinds of arm: which nodes train it (by-tier) and what privacy covers
@@ -60,8 +61,13 @@ class DataConfig(DataSpec):
 
     @model_validator(mode="after")
     def _partition_column_of_a_csv(self) -> DataConfig:
-        """Check that a partition_by column belongs to a CSV file."""
-        if self.partition_by and not self.dataset.lower().endswith(".csv"):
+        """Check that a partition_by column belongs to a CSV file, or is one a built-in set has."""
+        groups = BUILTIN_GROUPS.get(self.dataset)
+        if groups is not None:
+            if self.partition_by and self.partition_by not in groups:
+                raise ValueError(f"partition_by: {self.dataset!r} can be partitioned by {', '.join(groups)}, got "
+                                 f"{self.partition_by!r}")
+        elif self.partition_by and not self.dataset.lower().endswith(".csv"):
             raise ValueError(f"partition_by names a column of a CSV file, but the dataset is {self.dataset!r}")
         return self
 

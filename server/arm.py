@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from clients.data import central_test, load_dataset
-from clients.models import build_model
+from clients.models import build_model, summed_arrays
 from clients.preprocess import PreprocessingError, merge_stats, prepare
 from clients.spec import RunSpec
 from infra.checkpoints import (
@@ -103,7 +103,7 @@ def run_arm(grid: Grid, run: RunSpec, store: Store) -> None:
     _check_min_replies(run, num_nodes)
     strategy = recording_strategy(
         training.aggregation, trim_fraction=training.trim_fraction, krum_byzantine=training.krum_byzantine,
-        teacher=_teacher(store, run),
+        teacher=_teacher(store, run), summed=summed_arrays(training.model),
         # the round loop picks the nodes of each round and bounds every wait, so Flower's own minimums are off
         min_train_nodes=0, min_evaluate_nodes=0, min_available_nodes=0,
         evaluate_rounds=None if run.node_evaluation == "every-round" else {run.rounds},

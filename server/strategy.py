@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping, FedAvg, FedMedian, FedTrimmedAvg, Krum,
 )
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from clients.models import restore_sums
 
 
 TEACHER = "teacher"  # the ArrayRecord of a distilled arm's teacher in its training messages
@@ -55,17 +59,20 @@ class Recording(FedAvg):
 
     Put it first among the bases (``class X(Recording, FedMedian)``) so it wraps the
     base's methods. ``teacher``: the arrays of a distilled arm's teacher, added to every
-    training message (and counted in its bytes). ``evaluate_rounds`` says after which rounds the nodes evaluate the
+    training message (and counted in its bytes). ``summed``: the arrays that are sums over
+    examples (naive Bayes counts): nodes send them as shares, and the aggregate is
+    multiplied by the round's examples (exact under FedAvg, approximate under a robust rule). ``evaluate_rounds`` says after which rounds the nodes evaluate the
     global model on their local test split (every round when None); the server evaluates
     it centrally after every round regardless. Rounds are the run's own numbers (a run that
     resumes after round 3 goes on with round 4), for the nodes and the records alike.
     """
 
     def __init__(self, *, evaluate_rounds: set[int] | None = None, teacher: ArrayRecord | None = None,
-                 **kwargs) -> None:
+                 summed: tuple[str, ...] = (), **kwargs) -> None:
         super().__init__(**kwargs)
         self.evaluate_rounds = evaluate_rounds
         self.teacher = teacher  # a distilled arm's teacher model: sent with every training message as "teacher"
+        self.summed = summed  # arrays the nodes send as shares of their examples: the mean is multiplied back
         self.rounds: dict[int, RoundLog] = {}
 
     def evaluates(self, server_round: int) -> bool:
@@ -98,9 +105,13 @@ class Recording(FedAvg):
         log.trained = time.time()
         self._record(server_round, replies, "train", log.train)
         started = time.perf_counter()
-        result = super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None and self.summed:  # exact sums under FedAvg (clients.models.restore_sums)
+            total = int(sum(reply.content["metrics"]["num-examples"] for reply in replies if not reply.has_error()))
+            named = restore_sums({k: v.numpy() for k, v in arrays.items()}, total, self.summed)
+            arrays = ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in named.items()))
         log.aggregate_seconds = time.perf_counter() - started
-        return result
+        return arrays, metrics
 
     def _record(self, server_round: int, replies: list[Message], phase: str, into: dict) -> None:
         """Note the failed replies of ``phase`` and each answering node's metrics and bytes."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.s3server import moto_server_path, running_s3_server
-from tests.test_integration import FEDCOMPARE, _free_block, _free_port
+from tests.integration_stack import FEDCOMPARE, _free_block, _free_port
 
 pytestmark = [
     pytest.mark.integration,

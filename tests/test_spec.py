@@ -206,3 +206,25 @@ def test_distill_adds_a_small_arm_taught_by_the_large_one_after_it_and_refuses_p
         RunSpec.from_run_config({**spec.to_run_config(), "privacy-mode": "client-level"})
     with pytest.raises(ValueError, match="teacher-arm and teacher-model go together"):
         RunSpec.from_run_config({**PYPROJECT, "teacher-arm": "large"})
+
+
+def test_the_text_set_is_partitioned_by_movie_and_its_models_are_checked_against_the_data_kind() -> None:
+    from flows.config import deployment_config
+    from flows.preparation import resolve_models
+
+    text = CompareConfig.model_validate(deployment_config("text"))
+    assert text.data.partition_by == "movie_name" and set(text.arm_kinds()) == {"large", "small", "bilstm",
+                                                                                "tfidf-logreg"}
+    assert resolve_models.fn(text) == {"large": "transformer", "large-dp": "transformer", "small": "mnb",
+                                       "small-dp": "mnb", "bilstm": "bilstm", "bilstm-dp": "bilstm",
+                                       "tfidf-logreg": "tfidf-logreg", "tfidf-logreg-dp": "tfidf-logreg"}
+    with pytest.raises(ValidationError, match="'rotten-tomatoes' can be partitioned by movie_name, got 'site'"):
+        CompareConfig.model_validate({"data": {"dataset": "rotten-tomatoes", "partitioning": "by-column",
+                                               "partition_by": "site"}})
+    with pytest.raises(ValueError, match=r"small.model: 'mnb' reads text \(hashed word ids\), but 'digits' is a "
+                                         "tabular dataset"):
+        resolve_models.fn(CompareConfig.model_validate({"data": {"dataset": "digits"}, "small": {"model": "mnb"}}))
+    with pytest.raises(ValidationError, match="small.model: client-level DP clips each node's update, but 'mnb'"):
+        CompareConfig.model_validate({"small": {"model": "mnb"}, "privacy": {"mode": "client-level"}})
+    with pytest.raises(ValueError, match="training.model: max_update_norm bounds a node's update, but 'mnb'"):
+        RunSpec.from_run_config({**PYPROJECT, "model": "mnb", "max-update-norm": 5.0})

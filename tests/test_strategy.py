@@ -164,3 +164,19 @@ def test_krum_f_and_the_trimmed_share_are_settings_of_the_arm():
 
     assert trimmed.beta == 0.3 and krum.num_malicious_nodes == 2
     assert recording_strategy("trimmed-mean").beta == ArmSpec().trim_fraction == 0.2, "Flower's default stays ours"
+
+
+def test_summed_arrays_sent_as_shares_come_back_as_the_federations_exact_sums(_server_identity):
+    from clients.models import to_shares
+
+    counts = {node: np.arange(6, dtype=np.float64) * node + node for node in NODES}  # each node's counts
+    examples = {node: 10 * node + 3 for node in NODES}
+    shares = {node: to_shares({"w": counts[node]}, examples[node], ("w",))["w"] for node in NODES}
+    strategy = recording_strategy("fedavg", min_train_nodes=0, min_evaluate_nodes=0, min_available_nodes=0,
+                                  summed=("w",))
+
+    arrays, _ = strategy.aggregate_train(1, _train_replies(shares, examples))
+
+    np.testing.assert_allclose(arrays["w"].numpy(), sum(counts.values()), rtol=1e-12)
+    plain, _ = _aggregate("fedavg", shares, examples)
+    assert not np.allclose(plain, sum(counts.values())), "without it FedAvg gives the mean share, not the sums"
