@@ -61,7 +61,7 @@ def train_centralized(
         temperature, alpha = float(settings.get("temperature", 4.0)), float(settings.get("alpha", 0.7))
         fit = fit_distilled(model, train, soft_labels(taught, train.x, temperature), temperature=temperature,
                             alpha=alpha, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                            optimizer=optimizer, weight_decay=weight_decay or 0.0)
+                            optimizer=optimizer, weight_decay=weight_decay)
     else:
         fit = model.fit(train, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                         optimizer=optimizer, weight_decay=weight_decay, **({"wrap": wrap} if wrap else {}))

@@ -79,7 +79,7 @@ def soft_labels(teacher_model: Model, x: np.ndarray, temperature: float, *, batc
 
 def fit_distilled(
     student: Model, train: Dataset, teacher_probs: np.ndarray, *, temperature: float, alpha: float, epochs: int,
-    batch_size: int, learning_rate: float, seed: int, optimizer: str = "adam", weight_decay: float = 0.0,
+    batch_size: int, learning_rate: float, seed: int, optimizer: str = "adam", weight_decay: float | None = None,
 ) -> dict[str, float]:
     """Train ``student`` in place on ``train`` and the teacher's soft labels; return Model.fit's metrics.
 
@@ -91,9 +91,9 @@ def fit_distilled(
         alpha: weight of the teacher's soft labels, 0..1 (0: plain hard-label training; 1: soft labels only).
         epochs, batch_size, learning_rate, seed, optimizer: as ``Model.fit`` takes them (``gnb`` uses none,
             ``logreg`` no batch size nor optimizer).
-        weight_decay: L2 strength added to each step: the torch optimizer's ``weight_decay`` (Adam's and SGD's,
-            added to the gradient); added to ``logreg``'s own L2 penalty (the same shrink per step); unused by
-            ``gnb`` (closed form).
+        weight_decay: L2 strength added to each step, as ``Model.fit`` takes it: the torch optimizer's
+            ``weight_decay`` (None: 0); ``logreg``'s L2 penalty alpha (None: its own default, 1e-4); ``gnb`` has
+            no weights (closed form).
     Returns:
         train_loss (the distillation objective, mean over the last pass for torch students; the cross-entropy
         against the mixed targets w for the scikit-learn ones), train_seconds, train_cpu_seconds, num_examples.
@@ -108,7 +108,7 @@ def fit_distilled(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"distillation alpha (the soft labels' weight) must be in [0, 1], got {alpha}: "
                          f"0 trains on the hard labels only, 1 on the teacher's only")
-    if not weight_decay >= 0.0:
+    if weight_decay is not None and not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     probs = _checked_probs(teacher_probs, len(train), student.num_classes)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -173,7 +173,7 @@ def _fit_gnb(student: Any, train: Dataset, targets: np.ndarray) -> float:
 
 
 def _fit_logreg(student: Any, train: Dataset, targets: np.ndarray, *, epochs: int, learning_rate: float, seed: int,
-                weight_decay: float) -> float:
+                weight_decay: float | None) -> float:
     """Run ``epochs`` seeded SGD passes over the example-per-class rows weighted by ``targets``; return the soft loss.
 
     The estimator is the one ``SgdLogisticRegression.fit`` builds (a test holds alpha = 0 equal to it).
@@ -185,7 +185,8 @@ def _fit_logreg(student: Any, train: Dataset, targets: np.ndarray, *, epochs: in
     weight = targets[example, label]
     rows_per_example = len(example) / len(train)
     arrays = student.get_arrays()
-    estimator = SGDClassifier(loss="log_loss", penalty="l2", alpha=(student.l2 + weight_decay) / rows_per_example,
+    l2 = student.l2 if weight_decay is None else weight_decay  # as SgdLogisticRegression.fit takes it
+    estimator = SGDClassifier(loss="log_loss", penalty="l2", alpha=l2 / rows_per_example,
                               learning_rate="constant", eta0=learning_rate, shuffle=False, random_state=seed)
     estimator.coef_ = arrays["coef"].copy()  # warm start, as the plain fit does
     estimator.intercept_ = arrays["intercept"].copy()
@@ -200,7 +201,7 @@ def _fit_logreg(student: Any, train: Dataset, targets: np.ndarray, *, epochs: in
 
 
 def _fit_torch(student: Any, train: Dataset, probs: np.ndarray, *, temperature: float, alpha: float, epochs: int,
-               batch_size: int, learning_rate: float, seed: int, optimizer: str, weight_decay: float) -> float:
+               batch_size: int, learning_rate: float, seed: int, optimizer: str, weight_decay: float | None) -> float:
     """Train a torch student on alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE; return the last pass's loss."""
     import torch
     import torch.nn.functional as F
@@ -222,9 +223,8 @@ def _fit_torch(student: Any, train: Dataset, probs: np.ndarray, *, temperature: 
         return alpha * temperature ** 2 * soft + (1.0 - alpha) * hard
 
     with seeded(seed, device), cuda_numerics(device, student.precision):
-        step = make_optimizer(student.network, learning_rate=learning_rate, name=optimizer)
-        for group in step.param_groups:
-            group["weight_decay"] = weight_decay
+        step = make_optimizer(student.network, learning_rate=learning_rate, name=optimizer,
+                              weight_decay=weight_decay or 0.0)
         # make_loader's sampler over the positions instead of the labels: the same seeded order of examples
         positions = TensorDataset(torch.from_numpy(train.x), torch.arange(len(train)))
         loader = DataLoader(positions, batch_size=batch_size, shuffle=True,

@@ -308,7 +308,7 @@ def _fit_distilled(run: RunSpec, facts: NodeFacts, model: Model, train_set: Data
     return fit_distilled(model, train_set, soft_labels(teacher, train_set.x, distill.temperature),
                          temperature=distill.temperature, alpha=distill.alpha, epochs=training.local_epochs,
                          batch_size=training.batch_size, learning_rate=training.learning_rate, seed=seed,
-                         optimizer=training.optimizer, weight_decay=training.weight_decay or 0.0)
+                         optimizer=training.optimizer, weight_decay=training.weight_decay)
 
 
 def _charge_dp_sgd(run: RunSpec, facts: NodeFacts, server_round: int, num_examples: int, *,
