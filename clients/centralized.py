@@ -58,7 +58,7 @@ def train_centralized(
                              device="auto")
         taught.set_arrays(teacher[1])
         settings = distill or {}
-        temperature, alpha = float(settings.get("temperature", 4.0)), float(settings.get("alpha", 0.7))
+        temperature, alpha = float(settings.get("temperature", 2.0)), float(settings.get("alpha", 0.5))
         fit = fit_distilled(model, train, soft_labels(taught, train.x, temperature), temperature=temperature,
                             alpha=alpha, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                             optimizer=optimizer, weight_decay=weight_decay)

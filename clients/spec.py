@@ -159,9 +159,9 @@ class DistillSpec(Spec):
 
     # softmax temperature of the teacher's soft labels: 1 keeps its probabilities, 2-5 show which wrong classes
     # it finds close
-    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    temperature: float = Field(2.0, gt=0.0, le=100.0)
     # weight of the teacher's soft labels in the student's loss (1 - alpha: the hard labels'); 0 = plain training
-    alpha: float = Field(0.7, ge=0.0, le=1.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class DataSpec(Spec):
