@@ -12,7 +12,7 @@ estimate and ONNX export feed. Training reuses the zoo's torch loop (``clients._
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,11 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from clients._model_checks import check_data, check_fit_args, check_text_data, checked_weight_decay
-from clients._torch_models import (
-    SGD_MOMENTUM, TorchModel, TrainingWrapper, cuda_numerics, make_loader, predict_logits, resolve_device, seeded,
-    train_epochs, training_precision,
-)
+from clients._model_checks import check_text_data
+from clients._torch_models import TorchModel, predict_logits, resolve_device, seeded
 from clients.data import Dataset
 
 TEXT_NETWORKS = ("transformer", "bilstm")
@@ -144,53 +141,12 @@ def build_text_network(name: str, *, input_shape: tuple[int, ...], num_classes: 
 
 
 class TextTorchModel(TorchModel):
-    """A text network with the uniform model interface: TorchModel's, plus text checks and a weight decay."""
+    """A text network with the uniform model interface: TorchModel's, plus checks that the data is text."""
 
-    def fit(
-        self,
-        train: Dataset,
-        *,
-        epochs: int,
-        batch_size: int,
-        learning_rate: float,
-        seed: int,
-        optimizer: str = "adam",
-        weight_decay: float | None = None,
-        wrap: TrainingWrapper | None = None,
-    ) -> dict[str, float]:
-        """Train as TorchModel.fit does, with ``weight_decay`` (None: 0) added to every gradient (torch's)."""
-        check_fit_args(self.name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                       optimizer=optimizer)
-        decay = checked_weight_decay(self.name, weight_decay)
+    def fit(self, train: Dataset, **kwargs: Any) -> dict[str, float]:
+        """Train as TorchModel.fit does (its arguments, ``weight_decay`` included), after checking the texts."""
         check_text_data(self.name, train)
-        check_data(self.name, train, input_shape=self.input_shape, num_classes=self.num_classes, purpose="fit")
-        wall, cpu = time.perf_counter(), time.process_time()
-        self.precision = training_precision(self.device, private=wrap is not None)
-        with seeded(seed, self.device), cuda_numerics(self.device, self.precision):
-            module: nn.Module = self.network
-            if optimizer == "sgd":
-                step = torch.optim.SGD(module.parameters(), lr=learning_rate, momentum=SGD_MOMENTUM,
-                                       weight_decay=decay)
-            else:
-                step = torch.optim.Adam(module.parameters(), lr=learning_rate, weight_decay=decay)
-            loader = make_loader(train, batch_size=batch_size, seed=seed, device=self.device)
-            criterion = F.cross_entropy
-            if wrap is not None:
-                module, step, loader, criterion = wrap(module, step, loader)
-            try:
-                train_loss = train_epochs(module, loader, step, epochs=epochs, device=self.device,
-                                          criterion=criterion, precision=self.precision)
-            finally:
-                if module is not self.network and hasattr(module, "_close"):
-                    module._close()  # Opacus's wrapper: remove its hooks and per-sample gradients
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-        return {
-            "train_loss": train_loss,
-            "train_seconds": time.perf_counter() - wall,
-            "train_cpu_seconds": time.process_time() - cpu,
-            "num_examples": len(train),
-        }
+        return super().fit(train, **kwargs)
 
     def evaluate(self, test: Dataset, *, batch_size: int) -> dict[str, float]:
         """Return cross-entropy loss, accuracy, macro F1 and num_examples on the texts ``test``."""

@@ -51,7 +51,36 @@ _SGD_MOMENTUM = 0.9  # as the torch models' SGD
 _PROBABILITY_FLOOR = 1e-15
 
 
-class MultinomialNaiveBayes:
+class _HashedTextModel:
+    """What both small text models share: hashed n-gram counts of the word ids, prediction and evaluation."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    num_features: int
+
+    def predict_log_proba(self, x: np.ndarray) -> np.ndarray:
+        """Return log class probabilities of the texts ``x`` (each model's own)."""
+        raise NotImplementedError
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Return the predicted class of every text (hashed word ids) in ``x``."""
+        return self.predict_log_proba(x).argmax(axis=1).astype(np.int64)
+
+    def evaluate(self, test: Dataset, *, batch_size: int) -> dict[str, float]:
+        """Return log loss, accuracy, macro F1 and num_examples on ``test`` (batch_size unused)."""
+        check_text_data(self.name, test)
+        check_data(self.name, test, input_shape=self.input_shape, num_classes=self.num_classes, purpose="evaluate")
+        log_proba = self.predict_log_proba(test.x)
+        return classification_metrics(test.y, log_proba.argmax(axis=1), loss=_log_loss(log_proba, test.y),
+                                      num_classes=self.num_classes)
+
+    def _counts(self, x: np.ndarray):
+        """Return the hashed n-gram counts (sparse) of the texts ``x``."""
+        return ngram_counts(x, num_features=self.num_features, ngram_range=NGRAM_RANGE)
+
+
+class MultinomialNaiveBayes(_HashedTextModel):
     """Multinomial naive Bayes on hashed n-gram counts; arrays "class_count" (K,) and "feature_count" (K, F)."""
 
     name = "mnb"
@@ -111,29 +140,13 @@ class MultinomialNaiveBayes:
         return {"class_log_prior_": prior,
                 "feature_log_prob_": np.log(smoothed) - np.log(smoothed.sum(axis=1, keepdims=True))}
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Return the predicted class of every text (hashed word ids) in ``x``."""
-        return self.predict_log_proba(x).argmax(axis=1).astype(np.int64)
-
     def predict_log_proba(self, x: np.ndarray) -> np.ndarray:
         """Return log class probabilities as MultinomialNB.predict_log_proba computes them."""
         return self._joint_to_log_proba(self._counts(x))
 
-    def evaluate(self, test: Dataset, *, batch_size: int) -> dict[str, float]:
-        """Return log loss, accuracy, macro F1 and num_examples on ``test`` (batch_size unused)."""
-        check_text_data(self.name, test)
-        check_data(self.name, test, input_shape=self.input_shape, num_classes=self.num_classes, purpose="evaluate")
-        log_proba = self.predict_log_proba(test.x)
-        return classification_metrics(test.y, log_proba.argmax(axis=1), loss=_log_loss(log_proba, test.y),
-                                      num_classes=self.num_classes)
-
     def num_parameters(self) -> int:
         """Return the number of counts (one per class, one per class and bucket)."""
         return int(self._class.size + self._feature.size)
-
-    def _counts(self, x: np.ndarray):
-        """Return the hashed n-gram counts (sparse) of the texts ``x``."""
-        return ngram_counts(x, num_features=self.num_features, ngram_range=NGRAM_RANGE)
 
     def _joint_to_log_proba(self, counts) -> np.ndarray:
         """Return normalised log probabilities from the joint log-likelihood of sparse ``counts``."""
@@ -142,7 +155,7 @@ class MultinomialNaiveBayes:
         return joint - np.logaddexp.reduce(joint, axis=1, keepdims=True)
 
 
-class TfidfLogisticRegression:
+class TfidfLogisticRegression(_HashedTextModel):
     """Softmax regression on hashed TF-IDF n-grams; arrays "coef" (K, F), "intercept" (K,), "df_share" (F,)."""
 
     name = "tfidf-logreg"
@@ -212,31 +225,14 @@ class TfidfLogisticRegression:
             "num_examples": len(train),
         }
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Return the predicted class of every text (hashed word ids) in ``x``."""
-        return self.predict_log_proba(x).argmax(axis=1).astype(np.int64)
-
     def predict_log_proba(self, x: np.ndarray) -> np.ndarray:
         """Return log softmax probabilities, weighing the n-grams with the IDF of the model's df_share."""
         features = _tfidf(self._counts(x), self._df)
         return _log_softmax(np.asarray(features @ self._coef.T.astype(np.float64)) + self._intercept)
 
-    def evaluate(self, test: Dataset, *, batch_size: int) -> dict[str, float]:
-        """Return log loss, accuracy, macro F1 and num_examples on ``test`` (batch_size unused)."""
-        check_text_data(self.name, test)
-        check_data(self.name, test, input_shape=self.input_shape, num_classes=self.num_classes, purpose="evaluate")
-        log_proba = self.predict_log_proba(test.x)
-        return classification_metrics(test.y, log_proba.argmax(axis=1), loss=_log_loss(log_proba, test.y),
-                                      num_classes=self.num_classes)
-
     def num_parameters(self) -> int:
         """Return the number of trained scalars (coefficients and intercepts; df_share is a statistic)."""
         return int(self._coef.size + self._intercept.size)
-
-    def _counts(self, x: np.ndarray):
-        """Return the hashed n-gram counts (sparse) of the texts ``x``."""
-        return ngram_counts(x, num_features=self.num_features, ngram_range=NGRAM_RANGE)
-
 
 class _Optimizer:
     """Adam (torch's defaults) or SGD with momentum over one dense float64 array, updated in place."""
