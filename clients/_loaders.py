@@ -30,14 +30,22 @@ _DIGITS_PIXEL_MAX = 16.0
 
 
 def load_dataset(source: str, *, label_column: str = "label", image_size: tuple[int, int] | None = None,
-                 partition_by: str = "") -> Dataset:
+                 partition_by: str = "", text_column: str = "") -> Dataset:
     """Load a shipped dataset by name, or a .csv/.npz file or an image folder by path.
 
     ``image_size`` (H, W): the size every image of an image folder is resized to (None: the first image's).
     ``partition_by``: a CSV column whose values say which node a row belongs to; it leaves the
     features and becomes the dataset's ``groups`` (the "by-column" partitioning); ``rotten-tomatoes``
-    always has its movies as groups and accepts only its column "movie_name".
+    always has its movies as groups and accepts only its column "movie_name". ``text_column``: a CSV
+    column of free text; each row's text, hashed as ``rotten-tomatoes``'s (``clients.text.token_ids``),
+    is the example, and the other columns (but the label and ``partition_by``) are not read.
     """
+    if text_column:
+        if Path(source).suffix.lower() != ".csv":
+            raise ValueError(f"data.text_column {text_column!r} names a column, so the dataset must be a .csv file, "
+                             f"got {source!r}; drop text_column or use a CSV")
+        return _load_text_csv(Path(source), label_column=label_column, text_column=text_column,
+                              partition_by=partition_by)
     if source == "rotten-tomatoes":
         from clients._rotten_tomatoes import GROUP_COLUMN, load_rotten_tomatoes  # only text nodes pay for it
 
@@ -193,6 +201,21 @@ def _load_csv(path: Path, *, label_column: str) -> Dataset:
     y, num_classes = _remap_labels(table.labels, path)
     return Dataset(x=table.features.astype(np.float32), y=y, num_classes=num_classes, name=path.name,
                    columns=table.columns, cells=table.cells)
+
+
+def _load_text_csv(path: Path, *, label_column: str, text_column: str, partition_by: str) -> Dataset:
+    """Load a CSV's ``text_column`` as hashed word ids (a text dataset), its labels, and its groups if asked."""
+    from clients.text import MAX_LENGTH, TOKEN_SPACE, token_ids
+
+    table = _load_csv(path, label_column=label_column)
+    if text_column not in table.columns:
+        raise ValueError(f"dataset {table.name!r} has no text column {text_column!r} (columns: "
+                         f"{', '.join(table.columns)}); set data.text_column to the column that holds the text")
+    at = table.columns.index(text_column)
+    texts = table.cells[:, at] if table.cells is not None else as_cells(table.x[:, at:at + 1])[:, 0]
+    groups = _split_off_groups(table, partition_by).groups if partition_by else None
+    return Dataset(x=token_ids([str(t) for t in texts], vocab_size=TOKEN_SPACE, max_length=MAX_LENGTH), y=table.y,
+                   num_classes=table.num_classes, name=table.name, groups=groups)
 
 
 def _split_off_groups(ds: Dataset, column: str) -> Dataset:

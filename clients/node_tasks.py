@@ -165,8 +165,7 @@ def _load_splits(facts: NodeFacts, run: RunSpec) -> tuple[Dataset, Dataset]:
     """Load and split this node's data (no cache)."""
     data = run.data
     try:
-        dataset = load_dataset(data.dataset, label_column=data.label_column, image_size=data.image_size,
-                               partition_by="" if facts.data_path else data.partition_by)
+        dataset = load_dataset(data.dataset, **data.load_kwargs(own_data=bool(facts.data_path)))
     except ValueError as err:
         if not facts.data_path:
             raise

@@ -168,7 +168,8 @@ class DataSpec(Spec):
     """What data the nodes train on and how it is split between them (CompareConfig's ``data`` adds preprocessing)."""
 
     # mnist (5,000 real MNIST images), fashion-mnist (70,000 images; Debian's dataset-fashion-mnist),
-    # digits, breast-cancer, a path to a .csv/.npz file, or an image folder (one subfolder per class)
+    # digits, breast-cancer, rotten-tomatoes (12,808 review snippets, fresh or rotten), a path to a .csv/.npz
+    # file, or an image folder (one subfolder per class)
     dataset: str = Field("mnist", min_length=1)
     # name of the label column when `dataset` is a CSV file
     label_column: str = Field("label", min_length=1)
@@ -190,6 +191,9 @@ class DataSpec(Spec):
     # [height, width] every image of an image folder is resized to (empty: the first image's size); colour
     # images keep their three channels
     image_size: ImageSize = None
+    # a CSV column of free text: each row's text is the example (hashed word ids, as rotten-tomatoes; the
+    # other columns, but label_column and partition_by, are not read), for the text models
+    text_column: str = ""
 
     @field_validator("image_size")
     @classmethod
@@ -205,7 +209,18 @@ class DataSpec(Spec):
         if (self.partitioning == "by-column") != bool(self.partition_by):
             raise ValueError("partitioning 'by-column' and partition_by go together: set partitioning to "
                              "'by-column' and partition_by to a column name, or neither")
+        if self.text_column and not self.dataset.lower().endswith(".csv"):
+            raise ValueError(f"text_column names a column of a CSV file, but the dataset is {self.dataset!r}")
+        if self.text_column and self.text_column in (self.label_column, self.partition_by):
+            raise ValueError(f"text_column {self.text_column!r} is also the label or partition_by column: name the "
+                             "column that holds the text")
         return self
+
+    def load_kwargs(self, *, own_data: bool = False) -> dict[str, Any]:
+        """Return the arguments of `clients.data.load_dataset` besides the dataset (``own_data``: a node's own file
+        stands in for the partitions, so the run's dataset is not partitioned by a column)."""
+        return {"label_column": self.label_column, "image_size": self.image_size,
+                "partition_by": "" if own_data else self.partition_by, "text_column": self.text_column}
 
     def partition_kwargs(self, seed: int) -> dict[str, Any]:
         """Return the partitioning arguments of `clients.data.node_data` (and the central reference)."""

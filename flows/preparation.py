@@ -155,9 +155,7 @@ def preprocessing_mode(config: CompareConfig) -> str:
 
 def raw_dataset(config: CompareConfig) -> Dataset:
     """Load the run's dataset as the nodes do, before preprocessing."""
-    data = config.data
-    return load_dataset(data.dataset, label_column=data.label_column, image_size=data.image_size,
-                        partition_by=data.partition_by)
+    return load_dataset(config.data.dataset, **config.data.load_kwargs())
 
 
 def prepared_dataset(config: CompareConfig, spec: dict[str, Any] | None) -> Dataset:

@@ -28,8 +28,8 @@ class DataConfig(DataSpec):
     # columns and fills empty cells, with statistics the nodes compute on their training splits and the
     # server adds up (clients/preprocess.py); "none" uses the features as loaded (text or empty cells are
     # refused); or a fixed spec object (the "preprocessing" object of an earlier report.json, or your own).
-    # "auto": federated for a .csv/.npz file, none for the built-in sets (scaled at load by known constants)
-    # and image folders. Under privacy the statistics are not covered by ε, so a private run refuses
+    # "auto": federated for a .csv/.npz file, none for the built-in sets (scaled at load by known constants),
+    # image folders and text (a text_column). Under privacy the statistics are not covered by ε, so a private run refuses
     # "federated" and "auto" means none: give a fixed spec to scale a private run's table
     preprocessing: Literal["auto", "federated", "none"] | dict[str, Any] = "auto"
     # one-hot columns per categorical column, the shared "other" column included
@@ -77,7 +77,7 @@ class DataConfig(DataSpec):
             return "fixed"
         if self.preprocessing == "auto":
             builtin_or_images = self.dataset in BUILTIN_DATASETS or not self.dataset.lower().endswith(DATA_SUFFIXES)
-            return "none" if builtin_or_images or private else "federated"
+            return "none" if builtin_or_images or private or self.text_column else "federated"
         return self.preprocessing
 
 

@@ -88,8 +88,7 @@ def run_arm(grid: Grid, run: RunSpec, store: Store) -> None:
     source = run_source(git_commit=run.git_commit, git_dirty=_DIRTY[run.git_dirty], fab_hash=grid.run.fab_hash or None)
     random.seed(run.seed)  # Flower's node sampling uses the global `random`
     data, training = run.data, run.training
-    dataset = prepare(load_dataset(data.dataset, label_column=data.label_column, image_size=data.image_size,
-                                   partition_by=data.partition_by), run.preprocessing_spec)
+    dataset = prepare(load_dataset(data.dataset, **data.load_kwargs()), run.preprocessing_spec)
     test = central_test(dataset, central_test_fraction=data.central_test_fraction, seed=run.seed)
     model = build_model(training.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
                         seed=run.seed, device="cpu", private=run.private)

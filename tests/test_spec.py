@@ -228,3 +228,32 @@ def test_the_text_set_is_partitioned_by_movie_and_its_models_are_checked_against
         CompareConfig.model_validate({"small": {"model": "mnb"}, "privacy": {"mode": "client-level"}})
     with pytest.raises(ValueError, match="training.model: max_update_norm bounds a node's update, but 'mnb'"):
         RunSpec.from_run_config({**PYPROJECT, "model": "mnb", "max-update-norm": 5.0})
+
+
+def test_a_csv_text_column_becomes_hashed_word_ids_with_its_groups_and_no_preprocessing(tmp_path) -> None:
+    import csv
+
+    from clients.text import MAX_LENGTH, token_ids
+
+    rows = [("a fresh and funny film", "fresh", "paris"), ("dull, slow and long", "rotten", "lyon"),
+            ("a joy to watch", "fresh", "lyon"), ("nothing works here", "rotten", "paris")] * 5
+    path = tmp_path / "reviews.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["review", "verdict", "site", "stars"])
+        writer.writerows((*row, i % 5) for i, row in enumerate(rows))
+
+    dataset = load_dataset(str(path), label_column="verdict", text_column="review", partition_by="site")
+    config = CompareConfig.model_validate({"data": {"dataset": str(path), "label_column": "verdict",
+                                                    "text_column": "review", "partitioning": "by-column",
+                                                    "partition_by": "site"}})
+
+    assert dataset.kind == "text" and dataset.input_shape == (MAX_LENGTH,) and dataset.num_classes == 2
+    np.testing.assert_array_equal(dataset.x, token_ids([r[0] for r in rows]))
+    assert list(dataset.groups[:2]) == ["paris", "lyon"] and list(dataset.y[:2]) == [0, 1]
+    assert config.data.preprocessing_mode(private=False) == "none", "text is hashed, not standardized"
+    assert _arm(config, model="mnb").data.text_column == "review"
+    with pytest.raises(ValueError, match="has no text column 'body'"):
+        load_dataset(str(path), label_column="verdict", text_column="body")
+    with pytest.raises(ValidationError, match="text_column names a column of a CSV file, but the dataset is 'mnist'"):
+        CompareConfig.model_validate({"data": {"text_column": "review"}})
