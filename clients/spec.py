@@ -28,11 +28,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from clients._spec_rules import (  # noqa: F401 (the rules are the spec's: imported from here)
     DISTILL_UNDER_DP, ROUND_ATTEMPTS, aggregation_conflict, longest_round_s, privacy_conflict, sums_conflict,
 )
+from clients._run_config import PREFIX as _PREFIX, describe_errors, encode as _encode, flat as _flat, key as _key
 from clients.models import MODEL_NAMES, has_weights
 
 AGGREGATIONS = ("fedavg", "fedmedian", "trimmed-mean", "krum")  # server.strategy.AGGREGATIONS, without Flower
 FEDERATED = "federated"  # the node query's preprocessing value: send the statistics of your table
-_PREFIX = {"training": "", "data": "", "privacy": "privacy-", "distill": "distill-"}  # run-config key prefix per group
 
 
 def _image_size(value: object) -> object:
@@ -365,57 +365,7 @@ class RunSpec(CommonSpec):
             raise ValueError(f"run config: {describe_errors(exc, keys=True)}") from None
 
 
-def _key(prefix: str, field: str) -> str:
-    """Return the run-config key of a field: its name with dashes, after its group's prefix."""
-    return prefix + field.replace("_", "-")
-
-
-def _flat(dumped: dict[str, Any]) -> dict[str, Any]:
-    """Flatten a dumped RunSpec into run-config keys."""
-    flat = {_key("", k): v for k, v in dumped.items() if k not in _PREFIX}
-    for group, prefix in _PREFIX.items():
-        flat.update({_key(prefix, k): v for k, v in dumped[group].items()})
-    return flat
-
-
-def _encode(value: Any) -> bool | int | float | str:
-    """Return a spec value as a Flower config value: None as "", sizes as "HxW", node ids as "3,7"."""
-    if value is None:
-        return ""
-    if isinstance(value, tuple):
-        return "x".join(str(side) for side in value)
-    if isinstance(value, list):
-        return ",".join(str(item) for item in value)
-    return value
-
-
 @functools.cache
 def run_config_defaults() -> dict[str, bool | int | float | str]:
     """Return the run config of the default RunSpec: the keys and values of pyproject's ``[tool.flwr.app.config]``."""
     return RunSpec().to_run_config()
-
-
-def run_config_key(location: tuple[str | int, ...]) -> str:
-    """Return the run-config key of a validation error's location (``("training", "learning_rate")``)."""
-    parts = [str(part) for part in location]
-    if parts and parts[0] in _PREFIX and len(parts) > 1:
-        return _key(_PREFIX[parts[0]], parts[1])
-    return _key("", parts[0]) if parts else "run config"
-
-
-def describe_errors(exc: ValidationError, *, keys: bool = False) -> str:
-    """Return a pydantic validation error as one line: ``field: problem; field: problem``.
-
-    ``keys``: name the fields by their run-config keys (``learning-rate``) instead of their dotted
-    path (``large.learning_rate``).
-    """
-    parts = []
-    for error in exc.errors():
-        location = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
-        message = error["msg"].removeprefix("Value error, ")
-        if not location:  # a rule across fields: its message names them
-            parts.append(message)
-            continue
-        field = run_config_key(location) if keys else ".".join(str(part) for part in location)
-        parts.append(f"{field}: {message}")
-    return "; ".join(parts)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
 
+import pytest
+
 from infra._stack_processes import log_file, log_since_start, start
 from infra.stack import FLWR_LAUNCHERS, Service, StackSettings, down, flower_path, running_pid
+from tests.integration_stack import _cli
 
 
 def test_readiness_reads_only_what_the_current_process_logged(tmp_path, monkeypatch):
@@ -70,3 +74,18 @@ def test_flowers_processes_find_the_light_clientapp_launcher_first_and_it_is_flo
     assert done.returncode == 0, done.stderr
     assert "--runtime-api-address" in done.stdout and "--token" in done.stdout
     assert done.stdout.strip().endswith("light"), done.stdout[-300:]
+
+
+@pytest.mark.integration
+def test_up_on_a_port_in_use_fails_in_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+
+        failed = _cli(tmp_path, "up", "--prefect-port", str(port))
+
+    assert failed.returncode == 1
+    assert failed.stderr.strip().count("\n") == 0, failed.stderr
+    assert f"port {port}" in failed.stderr and "in use" in failed.stderr
+    assert "Traceback" not in failed.stderr
