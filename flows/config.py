@@ -14,6 +14,7 @@ from clients.spec import (
     DISTILL_UNDER_DP, FEDERATED, ArmSpec, CommonSpec, DataSpec, DistillSpec, RunSpec, aggregation_conflict,
     describe_errors, privacy_conflict, sums_conflict,
 )
+from clients import models as zoo
 from flows.decision import CostModel
 from flows.sections import (  # noqa: F401 (re-exported: the config's sections are imported from here)
     ARM_NAME, BUILTIN_DATASETS, DATA_SUFFIXES, DISTILLED_ARM, KINDS, RESERVED_ARMS, LARGE_MODELS, SMALL_MODELS,
@@ -230,6 +231,8 @@ def _over_kind(config: dict, arm: object) -> object:
         return arm  # validation names what is wrong
     base = config.get(arm["kind"], CompareConfig.model_fields[arm["kind"]].default)
     base = base.model_dump() if isinstance(base, ArmConfig) else dict(base)
+    if arm.get("model") in zoo.STATISTICS_MODELS:  # naive Bayes has no weights: a decay of its kind's arm is not its
+        base.pop("weight_decay", None)
     return {**base, **arm}
 
 

@@ -155,6 +155,9 @@ def test_an_extra_arm_takes_its_kinds_settings_unless_given_and_runs_like_the_ot
 
     nb = config.extra_arms["nb"]
     assert (nb.model, nb.local_epochs, nb.learning_rate) == ("gnb", 9, config.small.learning_rate)
+    decayed = CompareConfig.model_validate({"small": {"weight_decay": 0.001},
+                                            "extra_arms": {"nb": {"kind": "small", "model": "gnb"}}})
+    assert decayed.extra_arms["nb"].weight_decay is None, "naive Bayes does not inherit a decay it cannot apply"
     assert config.arm_kinds() == {"large": "large", "small": "small", "nb": "small", "wide": "large"}
     groups = [[(v.name, v.kind, v.arm) for v in group] for group in plan_variants(config)]
     assert groups == [
