@@ -279,26 +279,29 @@ class RunSpec(CommonSpec):
 
     @model_validator(mode="after")
     def _rules(self) -> RunSpec:
-        """Apply the rules that span groups, with the flow's words: a run the flow refuses is refused here too."""
+        """Apply the rules that span groups, with the flow's words: a run the flow refuses is refused here too.
+
+        Each message names the run-config key to change (``privacy-mode``), as `flwr run --run-config` users write it.
+        """
         if self.training.model == "auto":
-            raise ValueError("training.model: 'auto' is resolved by the flow (cnn for images, mlp for tables); "
+            raise ValueError("model: 'auto' is resolved by the flow (cnn for images, mlp for tables); "
                              "name the model of the run")
         conflict = aggregation_conflict(self.training.aggregation, self.privacy.mode)
         if conflict:
-            raise ValueError(f"training.aggregation: {conflict}")
+            raise ValueError(f"aggregation: {conflict}")
         conflict = privacy_conflict(self.training.model, self.privacy.mode) if self.mode == "train" else None
         if conflict:
-            raise ValueError(f"privacy.mode: {conflict}")
+            raise ValueError(f"privacy-mode: {conflict}")
         conflict = sums_conflict(self.training.model, privacy_mode=self.privacy.mode,
                                  max_update_norm=self.training.max_update_norm) if self.mode == "train" else None
         if conflict:
-            raise ValueError(f"training.model: {conflict}")
+            raise ValueError(f"model: {conflict}")
         if bool(self.teacher_arm) != bool(self.teacher_model) or (self.teacher_model and
                                                                    self.teacher_model not in MODEL_NAMES):
             raise ValueError(f"teacher-arm and teacher-model go together, the model from the zoo ({', '.join(MODEL_NAMES)}); "
                              f"got {self.teacher_arm!r} and {self.teacher_model!r}")
         if self.teacher_arm and self.privacy.mode != "none":
-            raise ValueError(f"privacy.mode: {DISTILL_UNDER_DP}")
+            raise ValueError(f"privacy-mode: {DISTILL_UNDER_DP}")
         self.preprocessing_spec  # parse and check it once here: a bad spec fails before any node trains
         return self
 

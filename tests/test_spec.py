@@ -69,7 +69,7 @@ def test_unknown_or_missing_keys_and_bad_values_fail_in_one_line_naming_the_key(
         ({"round-timeout-s": 0.0}, "round-timeout-s: Input should be greater than 0"),
         ({"privacy-delta": 0.5}, "privacy-delta: Input should be less than 0.1"),
         ({"image-size": "32"}, "image-size: .*HEIGHTxWIDTH"),
-        ({"model": "auto"}, "training.model: 'auto' is resolved by the flow"),
+        ({"model": "auto"}, "model: 'auto' is resolved by the flow"),
         ({"trim-fraction": 0.5}, "trim-fraction: Input should be less than 0.5"),
     ]:
         with pytest.raises(ValueError) as caught:
@@ -205,7 +205,7 @@ def test_distill_adds_a_small_arm_taught_by_the_large_one_after_it_and_refuses_p
     assert _arm(config).teacher_arm == "", "the plain arms are not distilled"
     with pytest.raises(ValidationError, match="distill.enabled: a distilled arm learns from its teacher's soft labels"):
         CompareConfig.model_validate({"distill": {"enabled": True}, "privacy": {"mode": "client-level"}})
-    with pytest.raises(ValueError, match="privacy.mode: a distilled arm learns from its teacher's soft labels"):
+    with pytest.raises(ValueError, match="privacy-mode: a distilled arm learns from its teacher's soft labels"):
         RunSpec.from_run_config({**spec.to_run_config(), "privacy-mode": "client-level"})
     with pytest.raises(ValueError, match="teacher-arm and teacher-model go together"):
         RunSpec.from_run_config({**PYPROJECT, "teacher-arm": "large"})
@@ -229,7 +229,7 @@ def test_the_text_set_is_partitioned_by_movie_and_its_models_are_checked_against
         resolve_models.fn(CompareConfig.model_validate({"data": {"dataset": "digits"}, "small": {"model": "mnb"}}))
     with pytest.raises(ValidationError, match="small.model: client-level DP clips each node's update, but 'mnb'"):
         CompareConfig.model_validate({"small": {"model": "mnb"}, "privacy": {"mode": "client-level"}})
-    with pytest.raises(ValueError, match="training.model: max_update_norm bounds a node's update, but 'mnb'"):
+    with pytest.raises(ValueError, match="model: max_update_norm bounds a node's update, but 'mnb'"):
         RunSpec.from_run_config({**PYPROJECT, "model": "mnb", "max-update-norm": 5.0})
 
 
