@@ -136,6 +136,20 @@ def test_the_soft_term_steers_the_student_a_teacher_with_shifted_classes_is_what
     assert np.mean(predicted == test.y) < 0.1
 
 
+@pytest.mark.parametrize("name", ["torch-logreg", "logreg"])
+def test_weight_decay_shrinks_the_weights_it_is_given(digits, teacher, name):
+    train, _ = digits
+    probabilities = soft_labels(teacher, train.x, 2.0)
+    norms = []
+    for weight_decay in (0.0, 0.05):
+        student = build(name, train)
+        fit_distilled(student, train, probabilities, temperature=2.0, alpha=0.5, learning_rate=LEARNING_RATE[name],
+                      weight_decay=weight_decay, **FIT)
+        norms.append(float(np.linalg.norm(next(iter(student.get_arrays().values())))))
+
+    assert norms[1] < 0.8 * norms[0], norms
+
+
 def test_gnb_from_soft_labels_is_scikit_learns_gaussian_nb_fitted_with_the_same_weights(digits, teacher):
     from sklearn.naive_bayes import GaussianNB
 
