@@ -62,12 +62,15 @@ def check_data(
 
 def check_fit_args(
     model_name: str, *, epochs: int, batch_size: int, learning_rate: float, optimizer: str = "adam",
-    weight_decay: float | None = None,
+    weight_decay: float | None = None, has_weights: bool = True,
 ) -> None:
     """Raise ValueError for a non-positive number of epochs, batch size or learning rate, an unknown optimizer,
-    or a negative weight decay."""
+    a weight decay outside [0, 1], or a positive one for a model without weights (``has_weights`` False)."""
     if weight_decay is not None and not 0 <= weight_decay <= 1:
         raise ValueError(f"model {model_name!r}: weight_decay must be in [0, 1], got {weight_decay}")
+    if weight_decay and not has_weights:
+        raise ValueError(f"model {model_name!r} has no weights to decay (its parameters are class statistics), got "
+                         f"weight_decay={weight_decay}; leave weight_decay empty for it")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"model {model_name!r}: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if epochs < 1 or batch_size < 1 or not learning_rate > 0:
@@ -109,15 +112,3 @@ def check_text_data(model_name: str, data: Dataset) -> None:
             f"model {model_name!r} reads hashed word ids (a text dataset such as 'rotten-tomatoes'), got dataset "
             f"{data.name!r} of kind {data.kind!r}; pick an image or tabular model for it"
         )
-
-
-def checked_weight_decay(model_name: str, weight_decay: float | None, *, has_weights: bool = True) -> float:
-    """Return the L2 penalty to use (None: 0.0); raise ValueError outside [0, 1] or for a model without weights."""
-    if weight_decay is None:
-        return 0.0
-    if not 0.0 <= weight_decay <= 1.0:
-        raise ValueError(f"model {model_name!r}: weight_decay must lie in [0, 1], got {weight_decay}; 1e-4 is typical")
-    if weight_decay and not has_weights:
-        raise ValueError(f"model {model_name!r} has no weights to decay (its parameters are counts), got "
-                         f"weight_decay={weight_decay}; leave weight_decay empty for it")
-    return float(weight_decay)

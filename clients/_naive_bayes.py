@@ -60,10 +60,7 @@ class GaussianNaiveBayes:
         A positive ``weight_decay`` is refused: the statistics are not weights.
         """
         check_fit_args(self.name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
-                       weight_decay=weight_decay)
-        if weight_decay:
-            raise ValueError(f"model {self.name!r} has no weights to decay (its parameters are class statistics), got "
-                             f"weight_decay={weight_decay}; leave weight_decay empty for it")
+                       weight_decay=weight_decay, has_weights=False)
         check_data(self.name, train, input_shape=self.input_shape, num_classes=self.num_classes, purpose="fit")
         wall, cpu = time.perf_counter(), time.process_time()
         x, n = _flat(train.x), len(train)

@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 from clients._model_checks import (
-    check_arrays, check_data, check_fit_args, check_text_data, checked_weight_decay, classification_metrics,
+    check_arrays, check_data, check_fit_args, check_text_data, classification_metrics,
 )
 from clients.data import Dataset
 from clients.text import NGRAM_FEATURES, ngram_counts
@@ -112,8 +112,7 @@ class MultinomialNaiveBayes(_HashedTextModel):
     ) -> dict[str, float]:
         """Replace the counts with this node's (closed form: epochs, batch and step are unused; no weights to decay)."""
         check_fit_args(self.name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                       optimizer=optimizer)
-        checked_weight_decay(self.name, weight_decay, has_weights=False)
+                       optimizer=optimizer, weight_decay=weight_decay, has_weights=False)
         check_text_data(self.name, train)
         check_data(self.name, train, input_shape=self.input_shape, num_classes=self.num_classes, purpose="fit")
         wall, cpu = time.perf_counter(), time.process_time()
@@ -191,8 +190,8 @@ class TfidfLogisticRegression(_HashedTextModel):
         ``weight_decay`` (None: 0) adds ``weight_decay * coef`` to every gradient, as torch's does.
         """
         check_fit_args(self.name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                       optimizer=optimizer)
-        decay = checked_weight_decay(self.name, weight_decay)
+                       optimizer=optimizer, weight_decay=weight_decay)
+        decay = float(weight_decay or 0.0)
         check_text_data(self.name, train)
         check_data(self.name, train, input_shape=self.input_shape, num_classes=self.num_classes, purpose="fit")
         wall, cpu = time.perf_counter(), time.process_time()

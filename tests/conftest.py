@@ -92,3 +92,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Train torch on one thread in the module, restoring the count after: on a shared, oversubscribed CPU the
+    tiny batches of the text and distillation tests ran 10-20x the CPU time on two OpenMP threads."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

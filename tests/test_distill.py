@@ -19,15 +19,7 @@ STUDENTS = ("torch-logreg", "mlp", "logreg", "gnb")
 FIT = dict(epochs=3, batch_size=32, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Train torch on one thread here, restoring the count after: these tiny batches ran 10x the CPU time on two."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

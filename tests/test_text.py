@@ -43,15 +43,7 @@ def small(reviews: Dataset) -> tuple[Dataset, Dataset]:
     return train, test
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Train torch on one thread: on a shared, oversubscribed CPU, two OpenMP threads ran 10-20x slower here."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(name: str, data: Dataset, seed: int = 0) -> Model:
