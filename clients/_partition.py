@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "by-column")
-_MAX_DIRICHLET_DRAWS = 1000  # retries before a dirichlet partition gives up (not a tuning knob)
+_DIRICHLET_DRAWS = 10  # draws before the last one is repaired to min_size (not a tuning knob)
 
 
 def partition(
@@ -59,28 +61,62 @@ def partition(
 def _dirichlet(
     y: np.ndarray, *, num_partitions: int, alpha: float, min_size: int, rng: np.random.Generator
 ) -> list[np.ndarray]:
-    """Give each partition a Dirichlet(alpha) share of every class; redraw until all >= min_size."""
+    """Give each partition a Dirichlet(alpha) share of every class; redraw, then repair, until all >= min_size.
+
+    The algorithm of flwr-datasets' ``DirichletPartitioner`` (per-class Dirichlet shares with a
+    minimum partition size), which is not used because it partitions Hugging Face ``datasets``
+    (pyarrow) objects, and ours are in-memory numpy labels. Where it redraws until every
+    partition is large enough, which never happens for thousands of partitions, this redraws
+    ``_DIRICHLET_DRAWS`` times and then tops up the last draw's small partitions from the largest
+    ones (``_top_up``), so the class skew stays. ``partition`` has checked that
+    ``num_partitions * min_size`` examples exist, so the top-up always succeeds.
+    """
     if alpha <= 0:
         raise ValueError(f"dirichlet alpha must be > 0, got {alpha}; 0.1 is very skewed, 100 nearly iid")
     by_class = [np.flatnonzero(y == label) for label in np.unique(y)]
-    smallest = 0
-    for _ in range(_MAX_DIRICHLET_DRAWS):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+    owner = np.empty(len(y), dtype=np.int64)  # the partition of each position
+    for _ in range(_DIRICHLET_DRAWS):
         for members in by_class:
             members = rng.permutation(members)
             shares = rng.dirichlet(np.full(num_partitions, alpha))
             cuts = (np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
-            for node, chunk in enumerate(np.split(members, cuts)):
-                parts[node].append(chunk)
-        merged = [np.concatenate(chunks) for chunks in parts]
-        smallest = min(len(p) for p in merged)
-        if smallest >= min_size:
-            return merged
-    raise ValueError(
-        f"dirichlet(alpha={alpha}) partition: {_MAX_DIRICHLET_DRAWS} draws all left a node with "
-        f"fewer than min_size={min_size} examples (last smallest: {smallest}); raise alpha, use "
-        f"fewer partitions or lower min_size"
-    )
+            owner[members] = np.searchsorted(cuts, np.arange(len(members)), side="right")  # np.split's chunks
+        sizes = np.bincount(owner, minlength=num_partitions)
+        if sizes.min() >= min_size:
+            break
+    else:
+        owner = _top_up(owner, y, sizes=sizes, min_size=min_size, rng=rng)
+        sizes = np.bincount(owner, minlength=num_partitions)
+    return np.split(np.argsort(owner, kind="stable"), np.cumsum(sizes)[:-1])
+
+
+def _top_up(
+    owner: np.ndarray, y: np.ndarray, *, sizes: np.ndarray, min_size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Move random examples from the largest partitions into those below min_size; return the new owners.
+
+    The largest partitions give down to a common level (never below min_size); the examples
+    they give, grouped by giver and then by label, fill the small partitions in turn, so a small
+    partition gets a few classes of one giver rather than an iid sample.
+    """
+    need = np.maximum(min_size - sizes, 0)
+    total = int(need.sum())
+    low, high = min_size, int(sizes.max())  # the highest level whose excess covers the need
+    while low < high:
+        level = (low + high + 1) // 2
+        low, high = (level, high) if np.maximum(sizes - level, 0).sum() >= total else (low, level - 1)
+    give = np.maximum(sizes - (low + 1), 0)
+    givers = np.lexsort((np.arange(len(sizes)), -sizes))  # largest first, ties by partition
+    give[givers[: total - int(give.sum())]] += 1  # the rest: one more from each of the largest
+    by_owner = np.lexsort((rng.random(len(owner)), owner))  # each partition's positions, shuffled
+    rank = np.arange(len(owner)) - np.searchsorted(owner[by_owner], owner[by_owner])
+    moved = by_owner[rank < give[owner[by_owner]]]
+    giver_rank = np.empty(len(sizes), dtype=np.int64)
+    giver_rank[givers] = np.arange(len(sizes))
+    moved = moved[np.lexsort((y[moved], giver_rank[owner[moved]]))]
+    owner = owner.copy()
+    owner[moved] = np.repeat(np.flatnonzero(need), need[need > 0])
+    return owner
 
 
 def _by_group(groups: np.ndarray, *, num_partitions: int) -> list[np.ndarray]:
@@ -89,13 +125,14 @@ def _by_group(groups: np.ndarray, *, num_partitions: int) -> list[np.ndarray]:
     if len(values) < num_partitions:
         raise ValueError(f"the partition_by column has {len(values)} distinct value(s), fewer than the "
                          f"{num_partitions} nodes; start fewer nodes or partition by a column with more values")
-    sizes = [0] * num_partitions
-    members: list[list[int]] = [[] for _ in range(num_partitions)]
+    lightest = [(0, node) for node in range(num_partitions)]  # a heap of (rows, node): the lightest, ties by node
+    node_of = np.empty(len(values), dtype=np.int64)
     for at in sorted(range(len(values)), key=lambda i: (-counts[i], values[i])):  # deterministic
-        node = min(range(num_partitions), key=lambda n: (sizes[n], n))
-        sizes[node] += int(counts[at])
-        members[node].append(at)
-    return [np.flatnonzero(np.isin(groups, values[m])) for m in members]
+        rows, node = heapq.heappop(lightest)
+        heapq.heappush(lightest, (rows + int(counts[at]), node))
+        node_of[at] = node
+    owner = node_of[np.unique(groups, return_inverse=True)[1].reshape(-1)]
+    return np.split(np.argsort(owner, kind="stable"), np.cumsum(np.bincount(owner, minlength=num_partitions))[:-1])
 
 
 def _pathological(

@@ -12,12 +12,18 @@ How a node gets its data from the run's dataset (``node_data``):
    the rest is the *pool*.
 2. ``partition`` splits the pool's labels into ``num_partitions`` disjoint index sets.
 3. The node's partition is split into local train and local test.
+
+A process remembers the last partitionings it made (``_plan``), as positions: in a
+simulation one process answers for many virtual nodes, and each answer then costs only
+its own node's split.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from importlib import metadata
 
 import numpy as np
@@ -45,12 +51,23 @@ def _derive_seed(seed: int, *salt: int) -> int:
 _STAGE_CENTRAL, _STAGE_PARTITION, _STAGE_LOCAL = 1, 2, 3
 
 
-def _split_indices(y: np.ndarray, *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split positions 0..len(y)-1 into (train, test), stratified when every class allows it (cached: ``_cached``)."""
+def _test_size(n: int, test_fraction: float) -> int:
+    """Return how many of ``n`` examples a split with ``test_fraction`` holds out."""
+    return int(np.ceil(test_fraction * n))
+
+
+def _split_indices(
+    y: np.ndarray, *, test_fraction: float, seed: int, on_disk: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions 0..len(y)-1 into (train, test), stratified when every class allows it.
+
+    ``on_disk``: keep the split in the disk cache (``_cached``), for the next process; False
+    splits in this process only (the same split), e.g. for one of thousands of nodes.
+    """
     positions = np.arange(len(y), dtype=np.int64)
     if test_fraction == 0.0:
         return positions, positions[:0]
-    n_test = int(np.ceil(test_fraction * len(y)))
+    n_test = _test_size(len(y), test_fraction)
     if n_test >= len(y):
         raise ValueError(
             f"cannot split {len(y)} examples with test_fraction={test_fraction}: no training "
@@ -67,6 +84,9 @@ def _split_indices(y: np.ndarray, *, test_fraction: float, seed: int) -> tuple[n
         )
         return {"train": np.sort(train), "test": np.sort(test)}
 
+    if not on_disk:
+        arrays = split()
+        return arrays["train"], arrays["test"]
     # the split depends on the labels, the sizes, the seed and scikit-learn's algorithm: the cache key names all
     key = hashlib.sha256(np.ascontiguousarray(y, dtype=np.int64).tobytes())
     key.update(f"{n_test} {seed} {stratifiable} {_sklearn_version()}".encode())
@@ -110,6 +130,88 @@ def split_local(ds: Dataset, *, local_test_fraction: float, seed: int) -> tuple[
 # ------------------------------------------------------------------ per-node data
 
 
+_DISK_SPLITS_UPTO = 64  # nodes whose local splits go to the disk cache, a file each; more split in-process
+_PLANS_KEPT = 2  # partitionings a process remembers (a simulation's process answers many virtual nodes)
+
+
+@dataclass
+class _Plan:
+    """Where one partitioning puts a dataset's examples, as positions (they depend on the labels and groups only)."""
+
+    pool: np.ndarray  # the pool's positions in the dataset (the rest is the central test set)
+    parts: list[np.ndarray]  # each node's positions in the pool
+    local: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # node: (train, test) positions
+
+
+_plans: OrderedDict[tuple, _Plan] = OrderedDict()
+
+
+def _plan(
+    ds: Dataset,
+    *,
+    num_partitions: int,
+    scheme: str,
+    seed: int,
+    alpha: float,
+    classes_per_node: int,
+    central_test_fraction: float,
+    local_test_fraction: float,
+    min_size: int,
+) -> _Plan:
+    """Return the partitioning of ``ds``'s pool, made once per process for the same labels, groups and arguments.
+
+    The key is the dataset's content, not the object: every message loads the dataset anew.
+    """
+    digest = hashlib.sha256(np.ascontiguousarray(ds.y, dtype=np.int64).tobytes())
+    if ds.groups is not None:
+        digest.update(np.ascontiguousarray(ds.groups.astype(str)).tobytes())
+    key = (ds.name, len(ds), digest.hexdigest(), num_partitions, scheme, seed, alpha, classes_per_node,
+           central_test_fraction, local_test_fraction, min_size)
+    if key in _plans:
+        _plans.move_to_end(key)
+        return _plans[key]
+    _check_fraction("central_test_fraction", central_test_fraction, allow_zero=False)
+    pool, _ = _split_indices(ds.y, test_fraction=central_test_fraction, seed=_derive_seed(seed, _STAGE_CENTRAL))
+    parts = partition(
+        ds.y[pool],
+        num_partitions=num_partitions,
+        scheme=scheme,
+        seed=_derive_seed(seed, _STAGE_PARTITION),
+        alpha=alpha,
+        classes_per_node=classes_per_node,
+        min_size=min_size,
+        groups=None if ds.groups is None else ds.groups[pool],
+    )
+    _plans[key] = _Plan(pool=pool, parts=parts)
+    while len(_plans) > _PLANS_KEPT:
+        _plans.popitem(last=False)
+    return _plans[key]
+
+
+def _local_split(
+    ds: Dataset, plan: _Plan, *, partition_id: int, seed: int, local_test_fraction: float
+) -> tuple[Dataset, Dataset]:
+    """Return one node's (local train, local test), split once per process and kept in ``plan``."""
+    if partition_id not in plan.local:
+        members = plan.pool[plan.parts[partition_id]]
+        if local_test_fraction and _test_size(len(members), local_test_fraction) >= len(members):
+            enough = 2
+            while _test_size(enough, local_test_fraction) >= enough:
+                enough += 1
+            raise ValueError(
+                f"node {partition_id} holds {len(members)} example(s), too few to keep a training example after "
+                f"local_test_fraction={local_test_fraction}; set min_size to at least {enough} or lower "
+                f"local_test_fraction"
+            )
+        train, test = _split_indices(
+            ds.y[members], test_fraction=local_test_fraction, seed=_derive_seed(seed, _STAGE_LOCAL, partition_id),
+            on_disk=len(plan.parts) <= _DISK_SPLITS_UPTO,
+        )
+        plan.local[partition_id] = (members[train], members[test])
+    train, test = plan.local[partition_id]
+    return ds.subset(train), ds.subset(test)
+
+
 def _node_splits(
     ds: Dataset,
     *,
@@ -121,28 +223,16 @@ def _node_splits(
     central_test_fraction: float,
     local_test_fraction: float,
     min_size: int,
+    partition_ids: range | tuple[int, ...] | None = None,
 ) -> list[tuple[Dataset, Dataset]]:
-    """Return every node's (local train, local test), in partition order."""
+    """Return the nodes' (local train, local test), in the order of ``partition_ids`` (None: all nodes)."""
     _check_fraction("local_test_fraction", local_test_fraction, allow_zero=True)
-    pool, _ = split_central(ds, test_fraction=central_test_fraction, seed=seed)
-    parts = partition(
-        pool.y,
-        num_partitions=num_partitions,
-        scheme=scheme,
-        seed=_derive_seed(seed, _STAGE_PARTITION),
-        alpha=alpha,
-        classes_per_node=classes_per_node,
-        min_size=min_size,
-        groups=pool.groups,
-    )
-    splits = []
-    for partition_id, members in enumerate(parts):
-        node = pool.subset(members)
-        train, test = _split_indices(
-            node.y, test_fraction=local_test_fraction, seed=_derive_seed(seed, _STAGE_LOCAL, partition_id)
-        )
-        splits.append((node.subset(train), node.subset(test)))
-    return splits
+    plan = _plan(ds, num_partitions=num_partitions, scheme=scheme, seed=seed, alpha=alpha,
+                 classes_per_node=classes_per_node, central_test_fraction=central_test_fraction,
+                 local_test_fraction=local_test_fraction, min_size=min_size)
+    chosen = range(num_partitions) if partition_ids is None else partition_ids
+    return [_local_split(ds, plan, partition_id=i, seed=seed, local_test_fraction=local_test_fraction)
+            for i in chosen]
 
 
 def node_data(
@@ -164,7 +254,7 @@ def node_data(
             f"partition_id must lie in 0..{num_partitions - 1} for num_partitions={num_partitions}, "
             f"got {partition_id}; check the node config"
         )
-    return _node_splits(
+    (split,) = _node_splits(
         ds,
         num_partitions=num_partitions,
         scheme=scheme,
@@ -174,7 +264,9 @@ def node_data(
         central_test_fraction=central_test_fraction,
         local_test_fraction=local_test_fraction,
         min_size=min_size,
-    )[partition_id]
+        partition_ids=(partition_id,),
+    )
+    return split
 
 
 def pooled_train(
@@ -194,6 +286,10 @@ def pooled_train(
 
     ``partition_ids`` restricts the union to some nodes (e.g. one arm's nodes); None means all.
     """
+    chosen = range(num_partitions) if partition_ids is None else partition_ids
+    for partition_id in chosen:
+        if not 0 <= partition_id < num_partitions:
+            raise ValueError(f"partition_ids must lie in 0..{num_partitions - 1}, got {partition_id}")
     splits = _node_splits(
         ds,
         num_partitions=num_partitions,
@@ -204,9 +300,6 @@ def pooled_train(
         central_test_fraction=central_test_fraction,
         local_test_fraction=local_test_fraction,
         min_size=min_size,
+        partition_ids=chosen,
     )
-    chosen = range(num_partitions) if partition_ids is None else partition_ids
-    for partition_id in chosen:
-        if not 0 <= partition_id < num_partitions:
-            raise ValueError(f"partition_ids must lie in 0..{num_partitions - 1}, got {partition_id}")
-    return concatenate([splits[i][0] for i in chosen])
+    return concatenate([train for train, _ in splits])

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import clients.data
 from clients.data import (
     FASHION_MNIST_DIR,
     Dataset,
@@ -93,9 +94,13 @@ def test_dirichlet_respects_min_size_and_skews_labels(labels: np.ndarray) -> Non
     assert np.mean(top_share) > 0.3  # iid would give about 0.13
 
 
-def test_dirichlet_gives_up_with_a_clear_error(labels: np.ndarray) -> None:
-    with pytest.raises(ValueError, match="min_size=240.*raise alpha"):
-        partition(labels, num_partitions=4, scheme="dirichlet", seed=0, alpha=0.01, min_size=240)
+def test_dirichlet_tops_up_small_partitions_and_refuses_only_too_few_examples(labels: np.ndarray) -> None:
+    parts = partition(labels, num_partitions=4, scheme="dirichlet", seed=0, alpha=0.01, min_size=240)
+
+    assert min(len(p) for p in parts) >= 240, "ten draws fail at alpha 0.01; the top-up reaches min_size"
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+    with pytest.raises(ValueError, match="cannot make 4 partitions of at least 251 examples from 1000"):
+        partition(labels, num_partitions=4, scheme="dirichlet", seed=0, alpha=0.01, min_size=251)
 
 
 def test_pathological_nodes_hold_at_most_classes_per_node(labels: np.ndarray) -> None:
@@ -294,6 +299,7 @@ def test_a_warm_cache_loads_and_splits_shipped_data_without_scikit_learn(
                        classes_per_node=2, central_test_fraction=0.2, local_test_fraction=0.15)
     for split in tmp_path.glob("split-*.npz"):
         split.write_bytes(b"corrupt")
+    monkeypatch.setattr(clients.data, "_plans", type(clients.data._plans)())  # forget this process's partitionings
     recomputed = node_data(load_dataset("digits"), partition_id=1, num_partitions=4, scheme="dirichlet", seed=3,
                            alpha=0.5, classes_per_node=2, central_test_fraction=0.2, local_test_fraction=0.15)
     assert all(np.array_equal(a.y, b.y) and np.array_equal(a.x, b.x) for a, b in zip(cached, recomputed))
