@@ -190,10 +190,11 @@ def _parser() -> argparse.ArgumentParser:
         help='CompareConfig fields as JSON, e.g. \'{"assignment": "by-tier", "data": {"partitioning": "iid"}}\'',
     )
     sub.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the flow run")
-    sub.add_argument("--deployment", default="local", choices=("local", "private", "text"),
+    sub.add_argument("--deployment", default="local", choices=("local", "private", "text", "simulation"),
                      help="local: the comparison without DP (default); private: the DP sweep over ε; text: four "
-                     "text models on Rotten Tomatoes reviews partitioned by movie (federated-compare/<name> in "
-                     "prefect.yaml); --config is merged over its settings")
+                     "text models on Rotten Tomatoes reviews partitioned by movie; simulation: 1,000 virtual nodes on "
+                     "Flower's Simulation Engine (federated-compare/<name> in prefect.yaml); --config is merged over "
+                     "its settings")
     sub.set_defaults(func=_cmd_demo)
     sub = commands.add_parser("report", help="print a stored report and export it as JSON, CSV or HTML")
     sub.add_argument("run", help="flow-run id (the run key) of a federated-compare run, or `latest`")

@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-PREFIX = {"training": "", "data": "", "privacy": "privacy-", "distill": "distill-"}  # run-config key prefix per group
+PREFIX = {"training": "", "data": "", "privacy": "privacy-", "distill": "distill-",
+          "simulation": "simulation-"}  # run-config key prefix per group
 
 
 def key(prefix: str, field: str) -> str:

@@ -229,6 +229,41 @@ class DataSpec(Spec):
                 "local_test_fraction": self.local_test_fraction}
 
 
+class SimulationSpec(Spec):
+    """How a run of Flower's Simulation Engine samples its virtual nodes (no effect on real SuperNodes).
+
+    Virtual node ``i`` holds partition ``i`` of ``num_nodes``; the first ``gpu_share`` of the
+    partitions are tier ``gpu``, the rest ``cpu``. Each round trains a seeded sample of the
+    arm's virtual nodes and evaluates another.
+    """
+
+    # virtual nodes of a simulated run (0: the run's nodes are real SuperNodes, the deployment engine)
+    num_nodes: int = Field(0, ge=0, le=100_000)
+    # share of the arm's virtual nodes that train each round, and the fewest that do
+    fraction_train: float = Field(0.1, gt=0.0, le=1.0)
+    min_train_nodes: int = Field(2, ge=1)
+    # share of the arm's virtual nodes that evaluate when the nodes evaluate (node_evaluation), and the fewest
+    fraction_evaluate: float = Field(0.1, gt=0.0, le=1.0)
+    min_evaluate_nodes: int = Field(2, ge=1)
+    # share of the virtual nodes in tier gpu (partitions 0 .. share * num_nodes - 1): what by-tier assigns
+    gpu_share: float = Field(0.5, ge=0.0, le=1.0)
+    # the tier of virtual nodes this arm trains on ("" = every virtual node)
+    tier: Literal["", "gpu", "cpu"] = ""
+
+    @property
+    def gpu_nodes(self) -> int:
+        """Return how many virtual nodes are of tier gpu (partitions 0 .. gpu_nodes - 1)."""
+        return round(self.gpu_share * self.num_nodes)
+
+    def tier_of(self, partition_id: int) -> str:
+        """Return the tier of the virtual node holding ``partition_id``."""
+        return "gpu" if partition_id < self.gpu_nodes else "cpu"
+
+    def sample_size(self, available: int, fraction: float, minimum: int) -> int:
+        """Return how many of ``available`` nodes a round samples: Flower's rule, max(fraction * n, minimum) <= n."""
+        return min(available, max(int(available * fraction), minimum))
+
+
 class CommonSpec(Spec):
     """Settings of a whole comparison that every one of its runs carries (CompareConfig and RunSpec)."""
 
@@ -276,6 +311,7 @@ class RunSpec(CommonSpec):
     privacy: PrivacySpec = PrivacySpec()
     data: DataSpec = DataSpec()
     distill: DistillSpec = DistillSpec()
+    simulation: SimulationSpec = SimulationSpec()
 
     @model_validator(mode="after")
     def _rules(self) -> RunSpec:
@@ -326,6 +362,11 @@ class RunSpec(CommonSpec):
     def wants_statistics(self) -> bool:
         """Return whether the node query asks the nodes for the preprocessing statistics of their tables."""
         return self.preprocessing == FEDERATED
+
+    @property
+    def simulated(self) -> bool:
+        """Return whether the run's nodes are virtual nodes of Flower's Simulation Engine."""
+        return self.simulation.num_nodes > 0
 
     @property
     def private(self) -> bool:

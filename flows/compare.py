@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from typing import Any
 
@@ -30,14 +32,22 @@ from flows.preparation import (
     prepared_dataset, resolve_models, resolve_preprocessing,
 )
 from flows.report import build_report, model_size, render_markdown, summarize_arm, summary_rows
+from flows.simulation import arm_tier, federation_config, virtual_federation, virtual_table
 from infra.checkpoints import load_latest, plot_key, read_manifest, report_key, round_metrics
+from infra.simulation import simulation_superlink
+from infra.state import state_dir
 from infra.store import StoreError, open_store
 
 @task(name="train-arm", task_run_name="train-{arm}")
 def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run_key: str,
               store_uri: str, superlink: str, base: str | None = None, teacher: tuple[str, str] | None = None,
-              epsilon: float | None = None, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Submit one arm's Flower run, mirror its rounds into Prefect, and wait for it to end."""
+              epsilon: float | None = None, preprocessing: dict[str, Any] | None = None,
+              tier: str | None = None) -> dict[str, Any]:
+    """Submit one arm's Flower run, mirror its rounds into Prefect, and wait for it to end.
+
+    ``tier`` (a simulated arm only, ``nodes`` then unused): the tier of the virtual nodes it
+    trains on, "" for every virtual node.
+    """
     logger = get_run_logger()
     store = open_store(store_uri)
     manifest = read_manifest(store, run_key, arm)
@@ -46,11 +56,14 @@ def train_arm(arm: str, model: str, nodes: list[int], config: CompareConfig, run
         progress=100.0 * seen / config.rounds, key=f"progress-{arm}",
         description=f"{arm} arm ({model}): rounds completed",
     )
-    spec = config.run_spec(base or arm, arm=arm, model=model, run_key=run_key, store_uri=store_uri, nodes=nodes,
-                           epsilon=epsilon, preprocessing=preprocessing, teacher=teacher)
+    simulated = tier is not None
+    spec = config.run_spec(base or arm, arm=arm, model=model, run_key=run_key, store_uri=store_uri,
+                           nodes=[] if simulated else nodes, epsilon=epsilon, preprocessing=preprocessing,
+                           teacher=teacher, tier=tier or "")
     started = time.monotonic()
-    run_id = submit(spec, superlink)
-    logger.info("%s arm: Flower run %s submitted (%s on nodes %s%s)", arm, run_id, model, nodes,
+    run_id = submit(spec, superlink, simulation=federation_config(config) if simulated else None)
+    where = f"{len(nodes)} virtual nodes{f' of tier {tier}' if tier else ''}" if simulated else f"nodes {nodes}"
+    logger.info("%s arm: Flower run %s submitted (%s on %s%s)", arm, run_id, model, where,
                 f", resuming after round {seen}" if seen else "")
 
     store_down = False
@@ -266,6 +279,43 @@ def _references(config: CompareConfig, models: dict[str, str], nodes: list[dict[
     return references
 
 
+@contextmanager
+def _engine(config: CompareConfig, superlink: str) -> Iterator[str]:
+    """Yield the SuperLink the arms run on: ``superlink``, or a simulation SuperLink started for the block."""
+    if config.engine != "simulation":
+        yield superlink
+        return
+    with simulation_superlink(state_dir(), ray_address=config.simulation.ray_address) as address:
+        get_run_logger().info("simulation SuperLink on %s (Ray: %s)", address,
+                              config.simulation.ray_address or "a local instance per run")
+        yield address
+
+
+def _train_all(config: CompareConfig, groups: list[list[Variant]], models: dict[str, str],
+               assignment: dict[str, list[int]], federation: dict[str, Any], run_key: str, store_uri: str,
+               superlink: str, spec: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Train every arm, group after group: side by side within a group on real nodes, one by one in a simulation.
+
+    With all-nodes each real node serves both Flower runs of a group; a simulated run starts
+    its own Ray actors, which would take each other's cores.
+    """
+    retrying = train_arm.with_options(retries=config.arm_retries, retry_delay_seconds=5)
+    simulated = config.engine == "simulation"
+    arms: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        futures = {}
+        for v in group:
+            tier = arm_tier(federation["nodes"], assignment[v.kind]) if simulated else None
+            futures[v.name] = retrying.submit(v.name, arm_model(models, v.arm, v.epsilon), assignment[v.kind], config,
+                                              run_key, store_uri, superlink, base=v.arm, epsilon=v.epsilon,
+                                              preprocessing=spec, teacher=_teacher(v, models), tier=tier)
+            if simulated:
+                futures[v.name].wait()
+        arms.update({v.name: {**futures[v.name].result(), "kind": v.kind, "base": v.arm,
+                              **({"distilled_from": v.teacher} if v.teacher else {})} for v in group})
+    return arms
+
+
 @flow(name="federated-compare", log_prints=True)
 def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]:
     """Train a large and a small model federatedly, with centralized references, and report both."""
@@ -278,7 +328,8 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
         logger.info(note)
 
     models = resolve_models(config)
-    federation = discover_nodes(config, run_key, store_uri, superlink)
+    simulated = config.engine == "simulation"
+    federation = virtual_federation(config) if simulated else discover_nodes(config, run_key, store_uri, superlink)
     spec = resolve_preprocessing(config, federation)
     federation = {**federation, "preprocessing": spec}  # the report describes it; checkpoints hold it in their config
     placed = assign_nodes(federation["nodes"], config.assignment,
@@ -288,25 +339,23 @@ def federated_compare(config: CompareConfig = CompareConfig()) -> dict[str, Any]
     logger.info("assignment (%s): %s", config.assignment, assignment)
     for node_id, reason in placed.left_out.items():
         logger.warning("node %s does not train the large arm: %s", node_id, reason)
-    create_table_artifact(node_table(federation["nodes"], placed), key="federation-nodes",
-                          description=f"The nodes that answered and the arms each trains ({config.assignment})")
+    if simulated:
+        create_table_artifact(virtual_table(federation["virtual"], placed, federation["nodes"]), key="federation-nodes",
+                              description=f"The simulation's virtual nodes and the arms they train ({config.assignment})")
+    else:
+        create_table_artifact(node_table(federation["nodes"], placed), key="federation-nodes",
+                              description=f"The nodes that answered and the arms each trains ({config.assignment})")
     groups = plan_variants(config)
     variants = [v for group in groups for v in group]
     for arm, plan in check_privacy(config, variants, federation["nodes"], assignment).items():
         logger.info("%s arm: %s DP, noise multiplier %s", arm, config.privacy.mode, plan["noise_multiplier"])
 
-    # the arms of a group run side by side; with all-nodes each node serves both Flower runs
-    retrying = train_arm.with_options(retries=config.arm_retries, retry_delay_seconds=5)
-    arms: dict[str, dict[str, Any]] = {}
-    for group in groups:
-        futures = {v.name: retrying.submit(v.name, arm_model(models, v.arm, v.epsilon), assignment[v.kind], config,
-                                           run_key, store_uri, superlink, base=v.arm, epsilon=v.epsilon,
-                                           preprocessing=spec, teacher=_teacher(v, models))
-                   for v in group}
-        arms.update({v.name: {**futures[v.name].result(), "kind": v.kind, "base": v.arm,
-                              **({"distilled_from": v.teacher} if v.teacher else {})} for v in group})
+    with _engine(config, superlink) as address:
+        arms = _train_all(config, groups, models, assignment, federation, run_key, store_uri, address, spec)
 
     references = _references(config, models, federation["nodes"], assignment, variants, spec, run_key, store_uri)
     deployments = _deploy_all(config, run_key, store_uri, federation["nodes"], assignment, variants, spec, models)
+    if simulated:  # the report describes virtual nodes by their spread, not one row per node
+        federation = {key: value for key, value in federation.items() if key != "nodes"}
     report = publish_report(config, run_key, store_uri, federation, assignment, arms, references, deployments)
     return {"run_key": run_key, "summary": summary_rows(report)}

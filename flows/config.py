@@ -11,14 +11,15 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from clients.spec import (
-    DISTILL_UNDER_DP, FEDERATED, ArmSpec, CommonSpec, DataSpec, DistillSpec, RunSpec, aggregation_conflict,
+    DISTILL_UNDER_DP, FEDERATED, ArmSpec, CommonSpec, DataSpec, DistillSpec, RunSpec, SimulationSpec,
+    aggregation_conflict,
     describe_errors, privacy_conflict, sums_conflict,
 )
 from clients import models as zoo
 from flows.decision import CostModel
 from flows.sections import (  # noqa: F401 (re-exported: the config's sections are imported from here)
     ARM_NAME, BUILTIN_DATASETS, DATA_SUFFIXES, DISTILLED_ARM, KINDS, RESERVED_ARMS, LARGE_MODELS, SMALL_MODELS,
-    ArmConfig, DataConfig, DeploymentConfig, DistillConfig, ExtraArmConfig, PrivacyConfig,
+    ArmConfig, DataConfig, DeploymentConfig, DistillConfig, ExtraArmConfig, PrivacyConfig, SimulationConfig,
 )
 from infra.state import state_dir
 
@@ -65,6 +66,11 @@ class CompareConfig(CommonSpec):
     deployment: DeploymentConfig = DeploymentConfig()
     # knowledge distillation: the arm "small-distilled", the small model taught by the large one (off by default)
     distill: DistillConfig = DistillConfig()
+    # where the nodes run: "deployment" (the SuperLink's real SuperNodes: the local stack's or your sites') or
+    # "simulation" (Flower's Simulation Engine: `simulation.num_nodes` virtual nodes on Ray, one partition each)
+    engine: Literal["deployment", "simulation"] = "deployment"
+    # the Simulation Engine's virtual nodes, their sampling and Ray (engine "simulation" only)
+    simulation: SimulationConfig = SimulationConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -152,6 +158,10 @@ class CompareConfig(CommonSpec):
             )
         if self.distill.enabled and self.privacy.mode != "none":
             raise ValueError(f"distill.enabled: {DISTILL_UNDER_DP}")
+        if self.engine == "simulation" and self.data.dataset not in BUILTIN_DATASETS and \
+                not Path(self.data.dataset).exists():
+            raise ValueError(f"data.dataset: the simulation partitions the run's dataset over its virtual nodes, and "
+                             f"{self.data.dataset!r} does not exist: name a built-in dataset or an existing file")
         for name, kind in self.arm_kinds().items():
             conflict = aggregation_conflict(self.arm(name).aggregation, self.privacy.mode)
             if conflict and self.privacy.covers(kind):
@@ -173,12 +183,13 @@ class CompareConfig(CommonSpec):
 
     def run_spec(self, base: str, *, arm: str, model: str, run_key: str, store_uri: str, nodes: list[int],
                  epsilon: float | None = None, preprocessing: dict[str, Any] | None = None,
-                 teacher: tuple[str, str] | None = None) -> RunSpec:
+                 teacher: tuple[str, str] | None = None, tier: str = "") -> RunSpec:
         """Return the run spec of one arm's Flower run: arm ``base``'s settings at ``epsilon`` (None: without DP).
 
         ``model``: the arm's model resolved (not "auto"); ``preprocessing``: the spec the arm's
         nodes apply (None: features as loaded); ``teacher``: (arm, model) whose final global model
-        the arm is distilled from (None: no distillation).
+        the arm is distilled from (None: no distillation); ``tier``: a simulated arm's virtual
+        nodes ("" every one; ``nodes`` is empty then: Flower names virtual nodes anew in every run).
         """
         teacher_arm, teacher_model = teacher or ("", "")
         distill = DistillSpec(**{name: getattr(self.distill, name) for name in DistillSpec.model_fields})
@@ -189,6 +200,7 @@ class CompareConfig(CommonSpec):
             preprocessing=json.dumps(preprocessing, separators=(",", ":")) if preprocessing else "",
             training=self.arm(base).resolved(model, epsilon), privacy=self.privacy.at(epsilon), data=self._data(),
             teacher_arm=teacher_arm, teacher_model=teacher_model, distill=distill if teacher else DistillSpec(),
+            simulation=self.simulation.spec(tier) if self.engine == "simulation" else SimulationSpec(),
         )
 
     def query_spec(self, *, run_key: str, store_uri: str, federated_statistics: bool) -> RunSpec:

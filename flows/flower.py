@@ -165,22 +165,27 @@ def source_run_config(app: Path = APP_DIR) -> dict[str, str]:
     return {"git-commit": source.git_commit or "", "git-dirty": dirty}
 
 
-def submit_run(run_config: dict[str, Any], superlink: str, *, app: Path = APP_DIR) -> int:
+def submit_run(run_config: dict[str, Any], superlink: str, *, app: Path = APP_DIR,
+               simulation: dict[str, int | float] | None = None) -> int:
     """Submit a Flower app (this repository's by default) with `run_config` overrides and return the run id.
 
-    Submitted in-process (``_submit_in_process``); if that fails for any reason, `flwr run`
-    submits it, whose failures are explained in one line. (A request that reached the
-    SuperLink but whose answer was lost would then start a second run; the in-process
-    client fails before sending when the SuperLink is unreachable.)
+    ``simulation``: the federation config of a run on a simulation SuperLink (fields of Flower's
+    ``SimulationConfig``: num_supernodes, client_resources_num_cpus, ...), as `flwr run
+    --federation-config` sends it. Submitted in-process (``_submit_in_process``); if that fails
+    for any reason, `flwr run` submits it, whose failures are explained in one line. (A request
+    that reached the SuperLink but whose answer was lost would then start a second run; the
+    in-process client fails before sending when the SuperLink is unreachable.)
     """
     try:
-        return _submit_in_process(run_config, superlink, app=app)
+        return _submit_in_process(run_config, superlink, app=app, simulation=simulation)
     except Exception:  # noqa: BLE001 - the CLI below submits it or gives the one-line explanation
         pass
     with tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="fedcompare-run-", delete=False) as file:
         file.write(tomli_w.dumps(run_config))
+    federation = [] if not simulation else [
+        "--federation-config", " ".join(f"{k.replace('_', '-')}={v!r}" for k, v in simulation.items())]
     try:
-        answer = _call(["run", str(app), "--run-config", file.name], superlink)
+        answer = _call(["run", str(app), "--run-config", file.name, *federation], superlink)
     finally:
         os.unlink(file.name)
     return int(answer["run-id"])
@@ -233,10 +238,12 @@ def _control_client(superlink: str):
     )
 
 
-def _submit_in_process(run_config: dict[str, Any], superlink: str, *, app: Path = APP_DIR) -> int:
+def _submit_in_process(run_config: dict[str, Any], superlink: str, *, app: Path = APP_DIR,
+                       simulation: dict[str, int | float] | None = None) -> int:
     """Start a run of ``app`` as `flwr run APP --run-config <run_config as TOML>` does; return its id."""
     from flwr.common.serde import fab_to_proto, user_config_to_proto
     from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=no-name-in-module
+    from flwr.proto.federation_config_pb2 import SimulationConfig  # pylint: disable=no-name-in-module
     from flwr.supercore.fab import Fab
 
     fab = build_fab(app)
@@ -244,6 +251,7 @@ def _submit_in_process(run_config: dict[str, Any], superlink: str, *, app: Path 
         fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
         override_config=user_config_to_proto(tomllib.loads(tomli_w.dumps(run_config))),  # the CLI's TOML round trip
         federation="", app_spec="",
+        **({"override_federation_config": SimulationConfig(**simulation)} if simulation else {}),
     )
     client = _control_client(superlink)
     try:

@@ -56,6 +56,9 @@ def run_failed(what: str, run_id: int, status: str, superlink: str) -> RuntimeEr
     return RuntimeError(f"{what} (Flower run {run_id}) ended {status}. Last lines of its log:\n{tail}")
 
 
-def submit(spec: RunSpec, superlink: str) -> int:
-    """Submit this repository's Flower app with ``spec`` as its run config; return the run id."""
-    return submit_run(run_config(spec), superlink)
+def submit(spec: RunSpec, superlink: str, *, simulation: dict[str, int | float] | None = None) -> int:
+    """Submit this repository's Flower app with ``spec`` as its run config; return the run id.
+
+    ``simulation``: the federation config of a simulated run (`flows.flower.submit_run`).
+    """
+    return submit_run(run_config(spec), superlink, simulation=simulation)

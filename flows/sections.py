@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from clients import models as zoo
 from clients.preprocess import PreprocessingError, check_spec
-from clients.spec import ArmSpec, DataSpec, DistillSpec, PrivacySpec, Spec
+from clients.spec import ArmSpec, DataSpec, DistillSpec, PrivacySpec, SimulationSpec, Spec
 
 BUILTIN_DATASETS = ("mnist", "fashion-mnist", "digits", "breast-cancer", "rotten-tomatoes")
 BUILTIN_GROUPS = {"rotten-tomatoes": ("movie_name",)}  # columns of a built-in set that partition_by may name
@@ -201,6 +201,38 @@ class DeploymentConfig(Spec):
     throughput_batches: int = Field(30, ge=1, le=10_000)
     # examples of static int8 calibration (from the arms' pooled training data, see README: Deployment)
     calibration_examples: int = Field(256, ge=1, le=10_000)
+
+
+class SimulationConfig(SimulationSpec):
+    """Flower's Simulation Engine (engine "simulation"): virtual nodes run by Ray actors that import the app once.
+
+    Each virtual node holds one partition of the run's dataset; each round trains a seeded
+    sample of them. ``tier`` is the flow's: by-tier gives each arm the virtual nodes of its tier.
+    """
+
+    # virtual nodes (partitions of the run's dataset)
+    num_nodes: int = Field(100, ge=2, le=100_000)
+    # CPUs and GPU share Ray reserves for each virtual node in flight: the actors = the cluster's CPUs /
+    # client_cpus (2 cores, 1 CPU each: 2 actors); a GPU share of 0.25 puts four virtual nodes on a GPU
+    client_cpus: int = Field(1, ge=1, le=256)
+    client_gpus: float = Field(0.0, ge=0.0, le=8.0)
+    # a Ray cluster to run the virtual nodes on, as `ray.init(address=...)` takes it ("ray://host:10001", or
+    # "auto" for the cluster this host belongs to); empty: a local Ray instance started for each run
+    ray_address: str = Field("", pattern=r"^(|auto|local|ray://[A-Za-z0-9.\-\[\]:]+|[A-Za-z0-9.\-]+:\d{1,5})$")
+
+    @field_validator("tier")
+    @classmethod
+    def _flow_sets_tier(cls, value: str) -> str:
+        """Refuse a tier: the flow sets each arm's from the assignment."""
+        if value:
+            raise ValueError("set by the flow for each arm from assignment (by-tier: large on the gpu share, "
+                             "small on the rest); leave it out")
+        return value
+
+    def spec(self, tier: str) -> SimulationSpec:
+        """Return the run spec's simulation settings of an arm that trains on the virtual nodes of ``tier``."""
+        own = {name: getattr(self, name) for name in SimulationSpec.model_fields}
+        return SimulationSpec(**{**own, "tier": tier})
 
 
 LARGE_MODELS = ("auto", *zoo.LARGE_MODELS)  # the zoo's names: one registry for the config, the zoo and the report

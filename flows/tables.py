@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 _SIGNIFICANT = 3  # the timings, bytes and energies are measured to about 1%; accuracies on a few hundred examples
 
 
@@ -90,6 +92,41 @@ def node_rows(arm: dict[str, Any], names: dict[int, str]) -> list[dict[str, Any]
         "$": n.get("usd"),
         "CPU energy": n.get("cpu_energy_method"),
     } for n in arm["per_node"]]
+
+
+def spread_rows(arm: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return an arm's per-node measures as spreads over its nodes (min, median, 90th percentile, max): many nodes."""
+    measures = {
+        "rounds trained": [n["rounds"] for n in arm["per_node"]],
+        "train s": [n["train_seconds"] for n in arm["per_node"]],
+        "CPU s": [n["train_cpu_seconds"] + n["evaluate_cpu_seconds"] for n in arm["per_node"]],
+        "peak MB": [n["peak_rss_mb"] for n in arm["per_node"]],
+        "MB sent": [(n["bytes_down"] + n["bytes_up"]) / 1e6 for n in arm["per_node"]],
+    }
+    rows = []
+    for name, values in measures.items():
+        if values:
+            low, median, p90, high = np.percentile(values, [0, 50, 90, 100])
+            rows.append({"measure": name, "min": low, "median": median, "p90": p90, "max": high})
+    return rows
+
+
+def virtual_rows(virtual: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the simulation's virtual nodes as a few rows: how many, their sampling and their data's spread."""
+    def spread(values: list[float]) -> str:
+        return " / ".join(format_number(v) for v in values)
+
+    return [
+        {"": "virtual nodes (of tier gpu)", "value": f"{virtual['nodes']} ({virtual['gpu_nodes']})"},
+        {"": "trained per round", "value": f"{virtual['fraction_train']:g}, at least {virtual['min_train_nodes']}"},
+        {"": "evaluated per round", "value": f"{virtual['fraction_evaluate']:g}, at least "
+                                              f"{virtual['min_evaluate_nodes']}"},
+        {"": "train examples per node (min / median / max)", "value": spread(virtual["train_examples"])},
+        {"": "test examples per node (min / median / max)", "value": spread(virtual["test_examples"])},
+        {"": "classes per node (min / median / max)", "value": spread(virtual["classes"])},
+        {"": "Ray", "value": f"{virtual['ray_address']}, {virtual['client_cpus']} CPU and {virtual['client_gpus']:g} "
+                             "GPU per virtual node in flight"},
+    ]
 
 
 def federation_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

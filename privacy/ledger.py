@@ -1,6 +1,7 @@
 """A node's privacy ledger: every DP-SGD round it trained, across rounds, arms and runs, with budgets.
 
-The ledger is a JSON file on the node (``node-config privacy-ledger``). Before a round
+The ledger is a JSON file on the node (``node-config privacy-ledger``); a virtual node of a
+simulation keeps it in the run's store (:class:`StoreLedger`). Before a round
 trains, :meth:`PrivacyLedger.charge` composes the round with what the node already
 spent and refuses — raising :class:`BudgetExceeded` — when that would exceed
 
@@ -47,16 +48,27 @@ class PrivacyLedger:
 
     def entries(self) -> list[dict]:
         """Return every charged round."""
-        if not self.path.exists():
+        text = self._read()
+        if text is None:
             return []
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
             raise ValueError(f"privacy ledger {self.path} is unreadable ({exc}); restore it from a backup — "
                              "deleting it would forget privacy already spent") from None
         if data.get("version") != LEDGER_VERSION:
             raise ValueError(f"privacy ledger {self.path} has version {data.get('version')}, expected {LEDGER_VERSION}")
         return list(data["entries"])
+
+    def _read(self) -> str | None:
+        """Return the ledger's text, or None when nothing was charged yet."""
+        if not self.path.exists():
+            return None
+        try:
+            return self.path.read_text()
+        except OSError as exc:
+            raise ValueError(f"privacy ledger {self.path} is unreadable ({exc}); restore it from a backup — "
+                             "deleting it would forget privacy already spent") from None
 
     def spent(self, *, delta: float, accountant: str, run_key: str | None = None, arm: str | None = None) -> float:
         """Return the ε composed over the entries (of one run and arm when given) at ``delta``."""
@@ -138,6 +150,35 @@ class PrivacyLedger:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+class StoreLedger(PrivacyLedger):
+    """The ledger of a virtual node of Flower's Simulation Engine, kept as one JSON object in the run's store.
+
+    A virtual node has no disk of its own (its Ray actor may run on any host of a cluster).
+    Flower sends a node one message at a time and the flow runs a simulation's arms one after
+    the other, so no two charges of one virtual node overlap: no lock is taken. ``store``:
+    an ``infra.store.Store`` (its put_bytes / get_bytes / exists).
+    """
+
+    def __init__(self, store, key: str, *, budget_epsilon: float | None = None) -> None:
+        super().__init__(f"{store.uri.rstrip('/')}/{key}", budget_epsilon=budget_epsilon)
+        self.store, self.key = store, key
+
+    def _read(self) -> str | None:
+        """Return the ledger object's text, or None when nothing was charged yet."""
+        if not self.store.exists(self.key):
+            return None
+        return self.store.get_bytes(self.key).decode()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Nothing to lock: the charges of one virtual node never overlap (see the class docstring)."""
+        yield
+
+    def _write(self, entries: list[dict]) -> None:
+        """Replace the ledger object (a store write replaces a whole object)."""
+        self.store.put_bytes(self.key, json.dumps({"version": LEDGER_VERSION, "entries": entries}, indent=1).encode())
 
 
 def _mechanism(entry: dict) -> Mechanism:

@@ -19,6 +19,9 @@ log = logging.getLogger("fedcompare.server")
 # halves the arms' share for 0.125 s more wait per reply on average.
 # The local stack sets it through FEDCOMPARE_REPLY_POLL_S in the SuperLink's environment.
 REPLY_POLL_S = float(os.environ.get("FEDCOMPARE_REPLY_POLL_S", "0.5"))
+# Flower's Simulation Engine keeps its messages in the ServerApp's own process: a poll costs
+# microseconds, so a simulated arm asks often
+SIMULATION_POLL_S = 0.02
 
 
 def node_info_messages(node_ids: Iterable[int]) -> list[Message]:
@@ -41,8 +44,9 @@ class ArmGrid(Grid):
     """
 
     def __init__(self, grid: Grid, node_ids: Iterable[int], *,
-                 partitions: Mapping[int, int | None] | None = None) -> None:
+                 partitions: Mapping[int, int | None] | None = None, poll_s: float = REPLY_POLL_S) -> None:
         self._grid = grid
+        self.poll_s = poll_s  # how often send_and_receive asks for replies
         self._node_ids = list(node_ids)
         self._partition_of: dict[int, int | None] = dict(partitions or {})
         self._arm_partitions = {self._partition_of[n] for n in self._node_ids if n in self._partition_of}
@@ -71,7 +75,7 @@ class ArmGrid(Grid):
 
     def pinned(self, node_ids: Iterable[int]) -> ArmGrid:
         """Return a view whose nodes are exactly ``node_ids``, so a strategy samples what the round saw."""
-        return _Pinned(self._grid, node_ids)
+        return _Pinned(self._grid, node_ids, poll_s=self.poll_s)
 
     def admit_new_nodes(self, timeout: float) -> list[int]:
         """Ask each connected node never seen before for its partition; admit those holding one of the arm's.
@@ -130,7 +134,7 @@ class ArmGrid(Grid):
             pending.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(REPLY_POLL_S)
+            time.sleep(self.poll_s)
         return replies
 
 

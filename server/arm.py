@@ -23,7 +23,7 @@ from infra.checkpoints import (
     write_round,
 )
 from infra.store import Store
-from server._grid import ArmGrid, node_info_messages
+from server._grid import SIMULATION_POLL_S, ArmGrid, node_info_messages
 from server.rounds import RoundPolicy, run_rounds
 from server.strategy import ClientLevelDp, Recording, recording_strategy
 
@@ -97,20 +97,25 @@ def run_arm(grid: Grid, run: RunSpec, store: Store) -> None:
         log.info("arm %s: all %d rounds are already in the store; nothing to do", run.arm, run.rounds)
         return
     model.set_arrays(initial)
-    arm_grid = ArmGrid(grid, run.nodes, partitions=_node_partitions(store, run))
-    num_nodes = len(run.nodes) or len(list(grid.get_node_ids()))
-    _check_min_replies(run, num_nodes)
+    if run.simulated:
+        arm_grid = ArmGrid(grid, _virtual_nodes(grid, run), poll_s=SIMULATION_POLL_S)
+    else:
+        arm_grid = ArmGrid(grid, run.nodes, partitions=_node_partitions(store, run))
+    num_nodes = len(arm_grid.members) or len(list(grid.get_node_ids()))
+    sampled = _sampled_nodes(run, num_nodes)
+    _check_min_replies(run, sampled)
     strategy = recording_strategy(
         training.aggregation, trim_fraction=training.trim_fraction, krum_byzantine=training.krum_byzantine,
         teacher=_teacher(store, run), summed=summed_arrays(training.model),
         # the round loop picks the nodes of each round and bounds every wait, so Flower's own minimums are off
-        min_train_nodes=0, min_evaluate_nodes=0, min_available_nodes=0,
+        min_available_nodes=0, **_sampling(run),
         evaluate_rounds=None if run.node_evaluation == "every-round" else {run.rounds},
         # client-level DP bounds each node's influence on the mean, so the nodes weigh the same
         weighted_by_key="dp-unit-weight" if run.privacy.mode == "client-level" else "num-examples",
     )
     _log_aggregation(run, strategy, num_nodes)
-    privacy = _Privacy(run, num_nodes, _stored_history(store, run, done), getattr(model, "dp_fixes", []))
+    privacy = _Privacy(run, num_nodes, _stored_history(store, run, done), getattr(model, "dp_fixes", []),
+                       sampled=sampled)
     runner = privacy.wrap(strategy)
     arm_config = {k: v for k, v in run.to_run_config().items() if k not in _NOT_HASHED}
     model_meta = {"name": training.model, "args": {"input_shape": list(dataset.input_shape),
@@ -148,6 +153,7 @@ def run_arm(grid: Grid, run: RunSpec, store: Store) -> None:
             # rounds of an earlier attempt that failed verification and were trained again (first round only)
             "discarded_rounds": discarded if server_round == done + 1 else [],
             **privacy.round_record(record),
+            **_virtual_sample(run, record, num_nodes),
         }
         write_round(store, run.run_key, run.arm, server_round, named, metrics, arm_config,
                     meta={"model": model_meta, "privacy": metrics.get("privacy")},
@@ -165,6 +171,58 @@ def run_arm(grid: Grid, run: RunSpec, store: Store) -> None:
         evaluate_config=ConfigRecord({}),
         evaluate_fn=checkpoint,
     )
+
+
+def _virtual_nodes(grid: Grid, run: RunSpec) -> list[int]:
+    """Return the virtual nodes of the arm's tier (empty: every virtual node), asking each which partition it holds.
+
+    Flower's Simulation Engine gives the virtual nodes fresh random ids in every run and tells
+    the ServerApp no partition: with a tier to pick, every node is asked once (a cheap query).
+    """
+    tier = run.simulation.tier
+    if not tier:
+        return []
+    node_ids = list(grid.get_node_ids())
+    replies = list(ArmGrid(grid, node_ids, poll_s=SIMULATION_POLL_S).send_and_receive(
+        node_info_messages(node_ids), timeout=run.training.round_timeout_s))
+    chosen = sorted(reply.metadata.src_node_id for reply in replies
+                    if not reply.has_error() and reply.content["node"]["tier"] == tier)
+    log.info("arm %s: %d of %d virtual nodes are of tier %s (%d answered)", run.arm, len(chosen), len(node_ids),
+             tier, len(replies))
+    if not chosen:
+        raise ValueError(f"arm {run.arm}: no virtual node of tier {tier!r} among {len(node_ids)} (gpu share "
+                         f"{run.simulation.gpu_share:g}): raise or lower the simulation's gpu_share")
+    return chosen
+
+
+def _sampling(run: RunSpec) -> dict[str, float | int]:
+    """Return the strategy's node sampling: a seeded share of a simulation's virtual nodes, every real node."""
+    if not run.simulated:
+        return {"min_train_nodes": 0, "min_evaluate_nodes": 0}
+    sim = run.simulation
+    return {"fraction_train": sim.fraction_train, "min_train_nodes": sim.min_train_nodes,
+            "fraction_evaluate": sim.fraction_evaluate, "min_evaluate_nodes": sim.min_evaluate_nodes,
+            "sampling_seed": run.seed}
+
+
+def _sampled_nodes(run: RunSpec, num_nodes: int) -> int:
+    """Return how many nodes train each round: every node, or a simulation's sample of them."""
+    if not run.simulated:
+        return num_nodes
+    sim = run.simulation
+    return sim.sample_size(num_nodes, sim.fraction_train, sim.min_train_nodes)
+
+
+def _virtual_sample(run: RunSpec, record, num_nodes: int) -> dict[str, Any]:
+    """Return a simulated round's sample: the partitions (virtual nodes) that trained and evaluated."""
+    if not run.simulated:
+        return {}
+
+    def partitions(replies: dict[int, dict[str, float]]) -> list[int]:
+        return sorted(int(m["partition-id"]) for m in replies.values() if "partition-id" in m)
+
+    return {"virtual_nodes": {"available": num_nodes, "train": partitions(record.train),
+                              "evaluate": partitions(record.evaluate)}}
 
 
 def _teacher(store: Store, run: RunSpec) -> ArrayRecord | None:
@@ -199,11 +257,12 @@ def _node_partitions(store: Store, run: RunSpec) -> dict[int, int | None]:
 
 
 def _check_min_replies(run: RunSpec, num_nodes: int) -> None:
-    """Fail when the arm needs more valid replies per round than it has nodes."""
+    """Fail when the arm needs more valid replies per round than it has nodes (sampled nodes, in a simulation)."""
     if run.training.min_replies > num_nodes:
+        what = "nodes sampled per round" if run.simulated else "nodes"
         raise ValueError(
-            f"arm {run.arm}: min_replies {run.training.min_replies} exceeds the arm's {num_nodes} nodes: set the arm's "
-            f"min_replies to at most {num_nodes}, or give the arm more nodes"
+            f"arm {run.arm}: min_replies {run.training.min_replies} exceeds the arm's {num_nodes} {what}: set the "
+            f"arm's min_replies to at most {num_nodes}, or give the arm more nodes"
         )
 
 
@@ -230,13 +289,15 @@ class _Privacy:
     accounted with the planned multiplier ``σ``; a round without replies releases nothing.
     """
 
-    def __init__(self, run: RunSpec, num_nodes: int, history: list[list[float]], fixes: list[str]) -> None:
+    def __init__(self, run: RunSpec, num_nodes: int, history: list[list[float]], fixes: list[str], *,
+                 sampled: int) -> None:
         self.run, self.num_nodes, self.history, self.fixes = run, num_nodes, history, fixes
+        self.sampled = sampled  # nodes per round: all, or a simulation's sample (the accountant's q = sampled / nodes)
         self.plan = None
         if run.privacy.mode == "client-level":
             from privacy.accounting import plan_client_level
 
-            self.plan = plan_client_level(num_nodes=num_nodes, sampled_nodes=num_nodes, rounds=run.rounds,
+            self.plan = plan_client_level(num_nodes=num_nodes, sampled_nodes=sampled, rounds=run.rounds,
                                           clipping_norm=run.privacy.max_grad_norm,
                                           **run.privacy.accounting_kwargs())
 
@@ -248,7 +309,7 @@ class _Privacy:
                  self.plan.noise_multiplier, self.plan.max_grad_norm, self.num_nodes)
         return ClientLevelDp(
             strategy, noise_multiplier=self.plan.noise_multiplier, clipping_norm=self.plan.max_grad_norm,
-            num_sampled_clients=self.num_nodes,
+            num_sampled_clients=self.sampled,
         )
 
     def round_record(self, record) -> dict[str, Any]:
@@ -295,8 +356,9 @@ def _resume_point(store: Store, run: RunSpec,
     A retried arm, or a run that resumes an earlier run key, continues after the newest
     round whose objects all verify (sha256), with the same round numbers (and so the same
     per-round seeds). Newer rounds that are corrupt, missing or pruned are reported,
-    discarded from the manifest and trained again. Every node trains every round (no
-    sampling), so there is no sampling sequence to replay.
+    discarded from the manifest and trained again. Real nodes all train every round; a
+    simulation samples its virtual nodes with a per-round seed, but Flower gives them new ids
+    in every run, so a resumed simulation draws its own sample of the same size.
     """
     manifest = read_manifest(store, run.run_key, run.arm)
     if not manifest or not manifest["latest_complete_round"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -68,8 +69,9 @@ class Recording(FedAvg):
     """
 
     def __init__(self, *, evaluate_rounds: set[int] | None = None, teacher: ArrayRecord | None = None,
-                 summed: tuple[str, ...] = (), **kwargs) -> None:
+                 summed: tuple[str, ...] = (), sampling_seed: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.sampling_seed = sampling_seed  # seeds each round's node sample (Flower samples with `random`)
         self.evaluate_rounds = evaluate_rounds
         self.teacher = teacher  # a distilled arm's teacher model: sent with every training message as "teacher"
         self.summed = summed  # arrays the nodes send as shares of their examples: the mean is multiplied back
@@ -85,12 +87,18 @@ class Recording(FedAvg):
         """Sample the arm's nodes and note the bytes each training message carries."""
         log = self.rounds.setdefault(server_round, RoundLog())
         log.started = log.started or time.time()  # a retried round counts from its first attempt
+        self._seed_sample("train", server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         for message in messages:
             if self.teacher is not None:
                 message.content[TEACHER] = self.teacher
             log.count(message.metadata.dst_node_id, "down", serialized_bytes(message.content))
         return messages
+
+    def _seed_sample(self, phase: str, server_round: int) -> None:
+        """Seed Flower's node sampling for ``phase`` of ``server_round``: a resumed run samples as the first did."""
+        if self.sampling_seed is not None:
+            random.seed(f"{self.sampling_seed}-{phase}-{server_round}")
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -145,6 +153,7 @@ class Recording(FedAvg):
         """Sample the arm's nodes for evaluation and note the bytes sent."""
         if not self.evaluates(server_round):
             return []
+        self._seed_sample("evaluate", server_round)
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         log = self.rounds.setdefault(server_round, RoundLog())
         for message in messages:
