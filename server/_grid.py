@@ -44,9 +44,11 @@ class ArmGrid(Grid):
     """
 
     def __init__(self, grid: Grid, node_ids: Iterable[int], *,
-                 partitions: Mapping[int, int | None] | None = None, poll_s: float = REPLY_POLL_S) -> None:
+                 partitions: Mapping[int, int | None] | None = None, poll_s: float = REPLY_POLL_S,
+                 by_partition: bool = False) -> None:
         self._grid = grid
         self.poll_s = poll_s  # how often send_and_receive asks for replies
+        self.by_partition = by_partition  # list nodes by partition (a simulation's ids change every run)
         self._node_ids = list(node_ids)
         self._partition_of: dict[int, int | None] = dict(partitions or {})
         self._arm_partitions = {self._partition_of[n] for n in self._node_ids if n in self._partition_of}
@@ -73,9 +75,20 @@ class ArmGrid(Grid):
             return connected
         return [node for node in self._node_ids if node in set(connected)]
 
+    def ordered(self, node_ids: Iterable[int]) -> list[int]:
+        """Return ``node_ids`` in the order a round samples from: by id, or by partition (``by_partition``).
+
+        Flower samples with ``random.sample`` over the list it is given: with a seeded ``random``
+        the same list order gives the same sample.
+        """
+        if not self.by_partition:
+            return sorted(node_ids)
+        return sorted(node_ids, key=lambda node: (self._partition_of.get(node) is None,
+                                                  self._partition_of.get(node) or 0, node))
+
     def pinned(self, node_ids: Iterable[int]) -> ArmGrid:
         """Return a view whose nodes are exactly ``node_ids``, so a strategy samples what the round saw."""
-        return _Pinned(self._grid, node_ids, poll_s=self.poll_s)
+        return _Pinned(self._grid, self.ordered(node_ids), poll_s=self.poll_s)
 
     def admit_new_nodes(self, timeout: float) -> list[int]:
         """Ask each connected node never seen before for its partition; admit those holding one of the arm's.

@@ -98,7 +98,8 @@ def run_arm(grid: Grid, run: RunSpec, store: Store) -> None:
         return
     model.set_arrays(initial)
     if run.simulated:
-        arm_grid = ArmGrid(grid, _virtual_nodes(grid, run), poll_s=SIMULATION_POLL_S)
+        members, partitions = _virtual_nodes(grid, run)
+        arm_grid = ArmGrid(grid, members, partitions=partitions, poll_s=SIMULATION_POLL_S, by_partition=True)
     else:
         arm_grid = ArmGrid(grid, run.nodes, partitions=_node_partitions(store, run))
     num_nodes = len(arm_grid.members) or len(list(grid.get_node_ids()))
@@ -173,26 +174,32 @@ def run_arm(grid: Grid, run: RunSpec, store: Store) -> None:
     )
 
 
-def _virtual_nodes(grid: Grid, run: RunSpec) -> list[int]:
-    """Return the virtual nodes of the arm's tier (empty: every virtual node), asking each which partition it holds.
+def _virtual_nodes(grid: Grid, run: RunSpec) -> tuple[list[int], dict[int, int]]:
+    """Return the arm's virtual nodes (those of its tier, or all) and every virtual node's partition.
 
     Flower's Simulation Engine gives the virtual nodes fresh random ids in every run and tells
-    the ServerApp no partition: with a tier to pick, every node is asked once (a cheap query).
+    the ServerApp no partition, so each is asked once (a cheap query). Knowing the partitions,
+    the rounds sample partitions, not ids: the same seed samples the same virtual nodes in
+    every run, a resumed one and the other arms included.
     """
-    tier = run.simulation.tier
-    if not tier:
-        return []
     node_ids = list(grid.get_node_ids())
+    started = time.perf_counter()
     replies = list(ArmGrid(grid, node_ids, poll_s=SIMULATION_POLL_S).send_and_receive(
         node_info_messages(node_ids), timeout=run.training.round_timeout_s))
-    chosen = sorted(reply.metadata.src_node_id for reply in replies
-                    if not reply.has_error() and reply.content["node"]["tier"] == tier)
-    log.info("arm %s: %d of %d virtual nodes are of tier %s (%d answered)", run.arm, len(chosen), len(node_ids),
-             tier, len(replies))
+    answers = {reply.metadata.src_node_id: reply.content["node"] for reply in replies if not reply.has_error()}
+    if len(answers) < len(node_ids):
+        reason = next((reply.error.reason for reply in replies if reply.has_error()), "no reply before the timeout")
+        raise RuntimeError(f"arm {run.arm}: {len(node_ids) - len(answers)} of {len(node_ids)} virtual nodes did not "
+                           f"say which partition they hold ({' '.join(str(reason).split())[:300]})")
+    partitions = {node: int(answer["partition-id"]) for node, answer in answers.items()}
+    tier = run.simulation.tier
+    chosen = [node for node, answer in answers.items() if not tier or answer["tier"] == tier]
+    log.info("arm %s: %d of %d virtual nodes%s, their partitions learnt in %.1f s", run.arm, len(chosen),
+             len(node_ids), f" are of tier {tier}" if tier else "", time.perf_counter() - started)
     if not chosen:
         raise ValueError(f"arm {run.arm}: no virtual node of tier {tier!r} among {len(node_ids)} (gpu share "
                          f"{run.simulation.gpu_share:g}): raise or lower the simulation's gpu_share")
-    return chosen
+    return chosen, partitions
 
 
 def _sampling(run: RunSpec) -> dict[str, float | int]:
@@ -323,7 +330,8 @@ class _Privacy:
             nodes = {
                 str(node): {"noise_multiplier": m["dp-noise-multiplier"], "sample_rate": m["dp-sample-rate"],
                             "steps": int(m["dp-steps"]), "max_grad_norm": m["dp-max-grad-norm"],
-                            "epsilon": m["dp-epsilon"], "node_epsilon": m["dp-node-epsilon"]}
+                            "epsilon": m["dp-epsilon"], "node_epsilon": m["dp-node-epsilon"],
+                            **({"partition_id": int(m["partition-id"])} if "partition-id" in m else {})}
                 for node, m in sorted(record.train.items()) if "dp-epsilon" in m
             }
             return {"privacy": {**base, "nodes": nodes, "model_fixes": self.fixes}}
@@ -357,8 +365,8 @@ def _resume_point(store: Store, run: RunSpec,
     round whose objects all verify (sha256), with the same round numbers (and so the same
     per-round seeds). Newer rounds that are corrupt, missing or pruned are reported,
     discarded from the manifest and trained again. Real nodes all train every round; a
-    simulation samples its virtual nodes with a per-round seed, but Flower gives them new ids
-    in every run, so a resumed simulation draws its own sample of the same size.
+    simulation samples its virtual nodes' partitions with a per-round seed, so a resumed
+    simulation trains the same partitions in each round as the first attempt would have.
     """
     manifest = read_manifest(store, run.run_key, run.arm)
     if not manifest or not manifest["latest_complete_round"]:
