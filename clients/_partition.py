@@ -34,7 +34,7 @@ def partition(
     if num_partitions < 1 or num_partitions * max(min_size, 1) > len(y):
         raise ValueError(
             f"cannot make {num_partitions} partitions of at least {max(min_size, 1)} examples "
-            f"from {len(y)} examples; use fewer partitions or a smaller min_size"
+            f"from {len(y)} examples; use fewer partitions or a smaller data.min_partition_size"
         )
     rng = np.random.default_rng(seed)
     if scheme == "iid":
@@ -53,7 +53,7 @@ def partition(
     if smallest < min_size:
         raise ValueError(
             f"{scheme} partition gave a node only {smallest} examples, expected at least "
-            f"min_size={min_size}; raise classes_per_node, use fewer partitions or lower min_size"
+            f"data.min_partition_size={min_size}; raise classes_per_node, use fewer partitions or lower data.min_partition_size"
         )
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 

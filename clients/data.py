@@ -200,7 +200,7 @@ def _local_split(
                 enough += 1
             raise ValueError(
                 f"node {partition_id} holds {len(members)} example(s), too few to keep a training example after "
-                f"local_test_fraction={local_test_fraction}; set min_size to at least {enough} or lower "
+                f"local_test_fraction={local_test_fraction}; set data.min_partition_size to at least {enough} or lower "
                 f"local_test_fraction"
             )
         train, test = _split_indices(

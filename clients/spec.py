@@ -184,6 +184,9 @@ class DataSpec(Spec):
     dirichlet_alpha: float = Field(0.5, gt=0.0, le=1000.0)
     # classes each node holds under pathological partitioning
     classes_per_node: int = Field(2, ge=1)
+    # fewest examples a partition of the run's dataset holds; a node's local split keeps at least one to train
+    # on. 10,000 virtual nodes of Fashion-MNIST's 56,000 pooled images need 5 or fewer
+    min_partition_size: int = Field(10, ge=2, le=100_000)
     # share of the dataset held out as the central test set (reference evaluation only)
     central_test_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     # share of each node's partition kept as that node's local test split
@@ -226,7 +229,7 @@ class DataSpec(Spec):
         """Return the partitioning arguments of `clients.data.node_data` (and the central reference)."""
         return {"scheme": self.partitioning, "seed": seed, "alpha": self.dirichlet_alpha,
                 "classes_per_node": self.classes_per_node, "central_test_fraction": self.central_test_fraction,
-                "local_test_fraction": self.local_test_fraction}
+                "local_test_fraction": self.local_test_fraction, "min_size": self.min_partition_size}
 
 
 class SimulationSpec(Spec):

@@ -110,7 +110,7 @@ def test_iid_and_pathological_at_thousands_of_nodes_fill_every_node_or_say_why(p
     iid = partition(pool_labels, num_partitions=10_000, scheme="iid", seed=0, min_size=5)
     assert {len(p) for p in iid} == {5, 6}
     # 20,000 class slots over 10 classes: 5,600 examples shared by 2,000 holders gives chunks of 2 or 3
-    with pytest.raises(ValueError, match=r"pathological partition gave a node only 4 examples.*min_size=5"):
+    with pytest.raises(ValueError, match=r"pathological partition gave a node only 4 examples.*min_partition_size=5"):
         partition(pool_labels, num_partitions=10_000, scheme="pathological", seed=0, min_size=5)
 
 
@@ -167,7 +167,7 @@ def test_node_data_splits_nodes_of_two_or_three_examples_and_names_min_size_belo
     sizes = [tuple(len(d) for d in node_data(ds, partition_id=i, num_partitions=4, min_size=2, **kw)) for i in range(4)]
 
     assert sizes == [(2, 1), (1, 1), (1, 1), (1, 1)], "3 then 2-example nodes keep a training and a test example"
-    with pytest.raises(ValueError, match=r"node 0 holds 1 example\(s\).*set min_size to at least 2"):
+    with pytest.raises(ValueError, match=r"node 0 holds 1 example\(s\).*set data.min_partition_size to at least 2"):
         node_data(ds, partition_id=0, num_partitions=9, min_size=1, **kw)
     with pytest.raises(ValueError, match=r"node 1 holds 2 example\(s\).*local_test_fraction=0.6.*at least 3"):
         node_data(ds, partition_id=1, num_partitions=4, min_size=2, **{**kw, "local_test_fraction": 0.6})
