@@ -11,7 +11,7 @@ from typing import Any
 from flows.deployment import deployment_explained, deployment_rows, deployment_tables, total_rows
 from flows.plots import data_uri, report_plots
 from flows.report import PRIVACY_EXPLAINED, READABLE_VERSIONS, privacy_rows, summary_rows
-from flows.tables import by_arm, federation_rows, format_cell, node_names, node_rows, round_rows
+from flows.tables import arm_nodes, by_arm, format_cell, node_names, nodes_section, round_rows
 from infra.checkpoints import report_key
 from infra.store import ObjectNotFound, Store
 
@@ -98,12 +98,12 @@ def to_html(report: dict[str, Any]) -> str:
         for _, caption, png in report_plots(report)
     )
     names = node_names(report)
-    arms = "".join(
-        f"<h2>{html.escape(arm)}: {html.escape(s['model'])} on nodes "
-        f"{html.escape(', '.join(names.get(int(n), str(n)) for n in s['nodes']))}</h2>"
-        + _html_table(round_rows(s)) + "<p>Per node, over all rounds:</p>" + _html_table(node_rows(s, names))
-        for arm, s in report["arms"].items()
-    )
+    arms = ""
+    for arm, s in report["arms"].items():
+        where, caption, rows = arm_nodes(report, arm, s, names)
+        arms += (f"<h2>{html.escape(arm)}: {html.escape(s['model'])} on {html.escape(where)}</h2>"
+                 + _html_table(round_rows(s)) + f"<p>{html.escape(caption)}</p>" + _html_table(rows))
+    nodes_heading, node_table = nodes_section(report)
     private = privacy_rows(report)
     privacy = (
         "<h2>Privacy</h2><p>" + html.escape(PRIVACY_EXPLAINED.replace("**", "").replace("`", "")) + "</p>"
@@ -136,8 +136,8 @@ target accuracy {report['target_accuracy']}; created {html.escape(report['create
 {deployment}
 {plots}
 {arms}
-<h2>Nodes</h2>
-{_html_table(federation_rows(report))}
+<h2>{html.escape(nodes_heading)}</h2>
+{_html_table(node_table)}
 </body></html>
 """
 

@@ -15,8 +15,7 @@ from flows.arm_summary import (
 from flows.decision import CostModel, recommend
 from flows.deployment import add_serving, render_section
 from flows.tables import (
-    by_arm, federation_rows, node_names, node_rows, preprocessing_lines, round_rows, spread_rows, virtual_rows,
-    with_node_names,
+    arm_nodes, by_arm, node_names, nodes_section, preprocessing_lines, round_rows, with_node_names,
 )
 from flows.tables import markdown_table as _table
 
@@ -237,24 +236,15 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
     parts += render_section(report)  # the accuracy-against-latency plot is among the images below
     for caption, url in (images or {}).items():
         parts += [f"![{caption}]({url})", ""]
-    virtual = report.get("federation", {}).get("virtual")
     for arm, s in report["arms"].items():
-        if virtual:  # thousands of virtual nodes: their spread, not a row each
-            parts += [f"## {arm}: {s['model']} on {len(s['nodes'])} virtual nodes", _table(round_rows(s)),
-                      f"Over the virtual nodes that trained {arm} ({len(s['per_node'])}), all rounds:",
-                      _table(spread_rows(s))]
-        else:
-            on = ", ".join(names.get(int(n), str(n)) for n in s["nodes"])
-            parts += [f"## {arm}: {s['model']} on nodes {on}", _table(round_rows(s)),
-                      f"Per node ({arm}), over all rounds:", _table(node_rows(s, names))]
+        where, caption, rows = arm_nodes(report, arm, s, names)  # thousands of virtual nodes: spreads, not a row each
+        parts += [f"## {arm}: {s['model']} on {where}", _table(round_rows(s)), caption, _table(rows)]
         if s["dropped"]:
             parts += ["Replies the rounds went on without (a node that died, hung, was rejected or sat out):",
                       _table(with_node_names(s["dropped"], names))]
         if s.get("discarded_rounds"):
             parts += ["Stored rounds that failed verification when the arm resumed, and were trained again:",
                       _table(s["discarded_rounds"])]
-    if virtual:
-        parts += ["## Virtual nodes (Flower's Simulation Engine)", _table(virtual_rows(virtual))]
-    else:
-        parts += ["## Nodes", _table(federation_rows(report))]
+    heading, rows = nodes_section(report)
+    parts += [f"## {heading}", _table(rows)]
     return "\n".join(parts)

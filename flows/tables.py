@@ -129,6 +129,27 @@ def virtual_rows(virtual: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def arm_nodes(report: dict[str, Any], name: str, arm: dict[str, Any],
+              names: dict[int, str]) -> tuple[str, str, list[dict]]:
+    """Return where an arm trained (for its heading), the caption of its node table, and that table's rows.
+
+    Real nodes get a row each; a simulation's virtual nodes get spreads (``spread_rows``).
+    """
+    if report.get("federation", {}).get("virtual"):
+        return (f"{len(arm['nodes'])} virtual nodes",
+                f"Over the virtual nodes that trained {name} ({len(arm['per_node'])}), all rounds:", spread_rows(arm))
+    on = ", ".join(names.get(int(n), str(n)) for n in arm["nodes"])
+    return f"nodes {on}", f"Per node ({name}), over all rounds:", node_rows(arm, names)
+
+
+def nodes_section(report: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """Return the heading and rows of the report's node table: a row per node, or the virtual nodes' summary."""
+    virtual = report.get("federation", {}).get("virtual")
+    if virtual:
+        return "Virtual nodes (Flower's Simulation Engine)", virtual_rows(virtual)
+    return "Nodes", federation_rows(report)
+
+
 def federation_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Return one row per node that answered: its name, tier, device, data and Flower node id."""
     names = node_names(report)

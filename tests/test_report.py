@@ -251,3 +251,34 @@ def test_tables_show_units_rounded_numbers_and_node_names_never_exponents():
     for header in ("| node CPU s |", "| $ |", "| Wh |", "| MB sent |", "| Wh total |"):
         assert header in markdown
     assert "cpu_seconds" not in markdown
+
+
+def test_a_simulated_report_shows_its_virtual_nodes_as_spreads_never_a_row_each():
+    from flows.export import to_html
+
+    nodes = list(range(1000))
+    rounds = [_round(r, 0.7 + r / 100, train_seconds=tuple(0.01 * (1 + i % 7) for i in range(100))) for r in (1, 2)]
+    for r in rounds:  # a seeded sample of 100 of the 1,000 virtual nodes each round
+        for i, node in enumerate(r["nodes"]):
+            node["node_id"] = 1000 + i + 100 * r["round"]
+    arms = {arm: summarize_arm(arm, rounds, nodes=nodes, parameters=5, model_bytes=20, wall_seconds=1.0,
+                               reference=None, target_accuracy=0.9) for arm in ("large", "small")}
+    virtual = {"nodes": 1000, "gpu_nodes": 500, "fraction_train": 0.1, "min_train_nodes": 2,
+               "fraction_evaluate": 0.1, "min_evaluate_nodes": 2, "client_cpus": 1, "client_gpus": 0.0,
+               "ray_address": "local", "train_examples": [10.0, 44.0, 170.0], "test_examples": [2.0, 8.0, 30.0],
+               "classes": [1.0, 4.0, 9.0]}
+    report = build_report(run_key="k", target_accuracy=0.9, arms=arms, federation={"virtual": virtual},
+                          versions={}, config={"data": {"dataset": "mnist", "partitioning": "dirichlet"},
+                                               "assignment": "all-nodes"})
+
+    markdown = render_markdown(report)
+    page = to_html(report)
+
+    assert "## large: cnn on 1000 virtual nodes" in markdown and "on 1000 virtual nodes</h2>" in page
+    assert "Over the virtual nodes that trained small (200), all rounds:" in markdown
+    assert "| train s | 0.01 | 0.04 | 0.07 | 0.07 |" in markdown  # min, median, p90, max over the 200
+    assert "## Virtual nodes (Flower's Simulation Engine)" in markdown and "| virtual nodes (of tier gpu) | 1000 (500) |" \
+        in markdown
+    assert "| train examples per node (min / median / max) | 10 / 44 / 170 |" in markdown
+    assert len(markdown.splitlines()) < 120, "no row per virtual node"
+    assert "Virtual nodes (Flower&#x27;s Simulation Engine)" in page
