@@ -72,7 +72,8 @@ def simulation_superlink(state: Path, *, ray_address: str = "", host: str = "127
     """Run a simulation SuperLink on a free port of ``host`` for the block; yield its address host:port.
 
     ``ray_address``: the Ray cluster its runs join (`ray.init` reads ``RAY_ADDRESS``); empty:
-    each run starts a local Ray instance on this host. Its log is ``state/simulation/superlink-<port>.log``.
+    each run starts a local Ray instance on this host, listening on 127.0.0.1 only. Its log is
+    ``state/simulation/superlink-<port>.log``.
 
     Raises:
         SimulationError: it exited or did not answer within a minute (the log's last lines say why).
@@ -92,6 +93,11 @@ def simulation_superlink(state: Path, *, ray_address: str = "", host: str = "127
     env.pop("RAY_ADDRESS", None)
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
+    else:
+        # A local Ray instance takes the host's network address as its node's and its servers (GCS, raylet,
+        # workers) listen on every interface; this setting of Ray's (meant for macOS and Windows) makes it
+        # take the loopback address, and then they listen on 127.0.0.1 only
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     command = [str(executable), "--insecure", "--simulation", "--isolation", "subprocess",
                # fedcompare's dependencies are installed; a submitted app must not pip-install more
                "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]

@@ -152,10 +152,31 @@ def _run_arm(superlink: str, store_uri: str, config: dict, arm: str, model: str)
                             epsilon=compare.privacy.target_epsilon)
     run_id = submit(spec, superlink, simulation=federation_config(compare))
     deadline = time.monotonic() + 600
+    listening: set[str] = set()
     while not (status := run_status(run_id, superlink)).finished and time.monotonic() < deadline:
+        listening |= _listening_under(superlink)
         time.sleep(1)
     assert status.completed, status
+    # the SuperLink, its flwr-simulation and Ray's GCS, raylet and workers: loopback only
+    assert listening and all(host in ("127.0.0.1", "::ffff:127.0.0.1") for host in listening), listening
     return run_key
+
+
+def _listening_under(superlink: str) -> set[str]:
+    """Return the addresses that the SuperLink at ``superlink`` and every process under it listen on."""
+    import psutil
+
+    port = int(superlink.rsplit(":", 1)[1])
+    owner = next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+                 and c.status == psutil.CONN_LISTEN)
+    root = psutil.Process(owner)
+    hosts = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            hosts |= {c.laddr.ip for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            pass
+    return hosts
 
 
 def test_sample_level_dp_charges_each_virtual_node_for_the_rounds_it_was_sampled_in_its_store_ledger(
