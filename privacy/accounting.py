@@ -18,6 +18,7 @@ No Flower or Prefect import; importing this module imports torch (through Opacus
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from math import ceil
 
@@ -64,8 +65,13 @@ def epsilon(history: list[Mechanism], *, delta: float, accountant: str) -> float
     return float(engine.get_epsilon(delta=delta))
 
 
+@functools.lru_cache(maxsize=4096)
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """Return the smallest noise multiplier (within Opacus's tolerance) whose ``steps`` meet ``target_epsilon``."""
+    """Return the smallest noise multiplier (within Opacus's tolerance) whose ``steps`` meet ``target_epsilon``.
+
+    Kept per process: Opacus's bisection takes up to seconds at high sample rates, and a
+    simulation's actor plans for hundreds of virtual nodes whose batch counts mostly agree.
+    """
     _check_accountant(accountant)
     try:
         return float(get_noise_multiplier(
