@@ -43,12 +43,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from pydantic import ValidationError
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clients.data import Dataset, node_data  # noqa: E402
+from clients.spec import describe_errors  # noqa: E402
 from flows.config import CompareConfig  # noqa: E402
 from flows.flower import run_log, run_status, stop_run  # noqa: E402
 from flows.following import submit  # noqa: E402
@@ -209,8 +211,10 @@ def main() -> int:
     try:
         node_counts = [int(n) for n in args.nodes.split(",") if n]
         configs = {n: _config(args, n) for n in node_counts}
+    except ValidationError as exc:
+        parser.error(f"--nodes/--fraction/--rounds/--dataset/--min-partition-size: {describe_errors(exc)}")
     except ValueError as exc:
-        parser.error(f"--nodes/--fraction/--rounds/--dataset: {exc}")
+        parser.error(f"--nodes: expected comma-separated counts such as 100,1000, got {args.nodes!r} ({exc})")
     state = Path(args.state_dir or tempfile.mkdtemp(prefix="fedcompare-simscale-state-")).resolve()
     store = open_store("file://" + str(Path(args.store or tempfile.mkdtemp(prefix="fedcompare-simscale-store-"))
                                       .resolve()))

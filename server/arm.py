@@ -23,7 +23,7 @@ from infra.checkpoints import (
     write_round,
 )
 from infra.store import Store
-from server._grid import SIMULATION_POLL_S, ArmGrid, node_info_messages
+from server._grid import SIMULATION_POLL_S, ArmGrid, node_info_messages, simulation_window
 from server.rounds import RoundPolicy, run_rounds
 from server.strategy import ClientLevelDp, Recording, recording_strategy
 
@@ -99,7 +99,8 @@ def run_arm(grid: Grid, run: RunSpec, store: Store) -> None:
     model.set_arrays(initial)
     if run.simulated:
         members, partitions = _virtual_nodes(grid, run)
-        arm_grid = ArmGrid(grid, members, partitions=partitions, poll_s=SIMULATION_POLL_S, by_partition=True)
+        arm_grid = ArmGrid(grid, members, partitions=partitions, poll_s=SIMULATION_POLL_S, by_partition=True,
+                           window=simulation_window)
     else:
         arm_grid = ArmGrid(grid, run.nodes, partitions=_node_partitions(store, run))
     num_nodes = len(arm_grid.members) or len(list(grid.get_node_ids()))
@@ -184,7 +185,7 @@ def _virtual_nodes(grid: Grid, run: RunSpec) -> tuple[list[int], dict[int, int]]
     """
     node_ids = list(grid.get_node_ids())
     started = time.perf_counter()
-    replies = list(ArmGrid(grid, node_ids, poll_s=SIMULATION_POLL_S).send_and_receive(
+    replies = list(ArmGrid(grid, node_ids, poll_s=SIMULATION_POLL_S, window=simulation_window).send_and_receive(
         node_info_messages(node_ids), timeout=run.training.round_timeout_s))
     answers = {reply.metadata.src_node_id: reply.content["node"] for reply in replies if not reply.has_error()}
     if len(answers) < len(node_ids):
