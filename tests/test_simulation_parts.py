@@ -132,3 +132,16 @@ def test_a_store_ledger_charges_a_virtual_node_once_per_message_and_keeps_its_bu
     with pytest.raises(BudgetExceeded, match="above its budget"):
         capped.charge(plan, run_key="later", arm="small", server_round=1, message_id="m9")
     assert len(capped.entries()) == 2, "a refused charge records nothing"
+
+
+def test_the_simulation_deployment_is_1000_virtual_nodes_of_fashion_mnist_each_holding_a_partition():
+    from flows.config import deployment_config
+
+    config = CompareConfig.model_validate(deployment_config("simulation"))
+
+    assert (config.engine, config.simulation.num_nodes, config.simulation.fraction_train) == ("simulation", 1000, 0.1)
+    assert (config.data.dataset, config.data.partitioning, config.data.dirichlet_alpha) == ("fashion-mnist",
+                                                                                            "dirichlet", 0.5)
+    with disable_run_logger():
+        virtual = virtual_federation.fn(config)["virtual"]
+    assert virtual["nodes"] == 1000 and virtual["train_examples"][0] >= 1  # min_partition_size 10: at least 8
