@@ -49,8 +49,8 @@ def virtual_federation(config: CompareConfig) -> dict[str, Any]:
         answer["preprocessing_stats"] = merge_stats(stats, names=[f"partition {i}" for i in range(len(stats))])
     virtual = answer["virtual"]
     get_run_logger().info(
-        "simulation: %d virtual nodes (%d of tier gpu), %s-%s-%s train examples per node (min-median-max), "
-        "%s of them train each round", virtual["nodes"], virtual["gpu_nodes"], *virtual["train_examples"][::2],
+        "simulation: %d virtual nodes (%d of tier gpu), %g-%g-%g train examples per node (min-median-max), "
+        "%s of them train each round", virtual["nodes"], virtual["gpu_nodes"], *virtual["train_examples"],
         f"{sim.fraction_train:g} (at least {sim.min_train_nodes})")
     return answer
 

@@ -33,7 +33,7 @@ from tests.tcpproxy import TcpProxy
 
 pytest.register_assert_rewrite("tests.store_helpers")  # its shared asserts explain a failure as a test's do
 
-_FIRST = ("test_faults.py", "test_integration.py")  # longest first
+_FIRST = ("test_faults.py", "test_integration.py", "test_simulation.py")  # longest first
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
