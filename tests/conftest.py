@@ -6,7 +6,8 @@ The fault module and the integration module each drive their own local stack for
 minutes, and much of that time is spent waiting (heartbeats, round timeouts, an outage
 ridden out), not computing. `--dist loadfile` keeps each module (and its module-scoped
 stack) on one worker; moving both modules to the front of the collection hands them to the
-two workers first, so that they run side by side and the short modules fill in behind.
+two workers first, so that they run side by side, then the simulation module (minutes of Ray
+runs), and the short modules fill in behind.
 (`--dist loadgroup` would say this with marks, but xdist 3.8 groups by rewriting a node id
 attribute that pytest 9 no longer reads.) Without xdist the order changes nothing a test
 relies on.
