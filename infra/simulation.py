@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from infra._stack_processes import http_ok, tail
+
 _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 15.0
 
@@ -33,16 +35,6 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def _healthy(address: str) -> bool:
-    """Return whether the SuperLink at ``address`` answers its health endpoint."""
-    import httpx
-
-    try:
-        return httpx.get(f"http://{address}/health", timeout=1.0).is_success
-    except httpx.HTTPError:
-        return False
 
 
 def _stop_tree(process: subprocess.Popen) -> None:
@@ -106,13 +98,12 @@ def simulation_superlink(state: Path, *, ray_address: str = "", host: str = "127
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + _START_TIMEOUT_S
-        while not _healthy(address):
+        while not http_ok(f"http://{address}/health"):
             if process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                last = " | ".join(tail(log_path, 5).splitlines())
                 raise SimulationError(
                     f"the simulation SuperLink on {address} {'exited' if process.poll() is not None else 'did not answer'}"
-                    f" (log {log_path}: {' | '.join(tail) or 'empty'}); check that flwr[simulation] is installed "
-                    "(`make setup`)")
+                    f" (log {log_path}: {last or 'empty'}); check that flwr[simulation] is installed (`make setup`)")
             time.sleep(0.2)
         yield address
     finally:
