@@ -7,11 +7,12 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from clients.data import central_test, load_dataset
@@ -40,7 +41,9 @@ _DIRTY = {"yes": True, "no": False, "unknown": None}
 def query_federation(grid: Grid, run: RunSpec, store: Store) -> dict[str, Any]:
     """Ask every connected node what it is and store the answers."""
     node_ids = list(grid.get_node_ids())
-    replies = list(grid.send_and_receive(node_info_messages(node_ids), timeout=run.training.round_timeout_s))
+    # fedcompare's grid: it asks for the replies every REPLY_POLL_S, where Flower's waits 3 s between polls
+    replies = list(ArmGrid(grid, node_ids).send_and_receive(node_info_messages(node_ids),
+                                                             timeout=run.training.round_timeout_s))
     nodes, failures = [], []
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -125,43 +128,49 @@ def run_arm(grid: Grid, run: RunSpec, store: Store) -> None:
                                                    "private": run.private}}
     log.info("arm %s: %s on nodes %s for %d rounds", run.arm, training.model, run.nodes or "all", run.rounds)
 
-    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Evaluate the global model centrally and write the round to the store."""
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> Callable[[], None]:
+        """Take the round's record now; return the step that evaluates the global model and writes the round.
+
+        The record (and the privacy spent, which the next round adds to) is read here, on the round
+        loop's thread; the returned step runs beside the next round (`run_rounds`).
+        """
         named = _from_record(arrays)
-        model.set_arrays(named)
-        evaluated = time.perf_counter()
-        central = model.evaluate(test, batch_size=max(training.batch_size, 256))
-        central_seconds = time.perf_counter() - evaluated
         record = strategy.rounds[server_round]
         metrics = {
             "round": server_round,
             "arm": run.arm,
             "model": training.model,
-            "central": {k: float(v) for k, v in central.items()},
             "federated": _weighted(record.evaluate),
             "nodes": [
                 {"node_id": node, "train": record.train.get(node, {}), "evaluate": record.evaluate.get(node, {}),
                  "bytes": record.node_bytes.get(node, {"down": 0, "up": 0})}
                 for node in sorted(set(record.train) | set(record.evaluate))
             ],
-            "failures": record.failures,
+            "failures": list(record.failures),
             "bytes_down": record.bytes_down,
             "bytes_up": record.bytes_up,
+            # from the round's first message to its aggregate: central evaluation overlaps the next round
             "round_seconds": time.time() - record.started,
             "aggregate_seconds": record.aggregate_seconds,
-            "central_evaluate_seconds": central_seconds,
-            "finished_at": _now(),
             "resumed_after_round": done,
             # rounds of an earlier attempt that failed verification and were trained again (first round only)
             "discarded_rounds": discarded if server_round == done + 1 else [],
             **privacy.round_record(record),
             **_virtual_sample(run, record, num_nodes),
         }
-        write_round(store, run.run_key, run.arm, server_round, named, metrics, arm_config,
-                    meta={"model": model_meta, "privacy": metrics.get("privacy")},
-                    score=float(central["accuracy"]), keep_last=run.keep_last_rounds, source=source)
-        log.info("arm %s round %d: central accuracy %.4f", run.arm, server_round, central["accuracy"])
-        return MetricRecord({"accuracy": float(central["accuracy"])})
+
+        def evaluate_and_write() -> None:
+            model.set_arrays(named)
+            evaluated = time.perf_counter()
+            central = model.evaluate(test, batch_size=max(training.batch_size, 256))
+            written = {**metrics, "central": {k: float(v) for k, v in central.items()},
+                       "central_evaluate_seconds": time.perf_counter() - evaluated, "finished_at": _now()}
+            write_round(store, run.run_key, run.arm, server_round, named, written, arm_config,
+                        meta={"model": model_meta, "privacy": written.get("privacy")},
+                        score=float(central["accuracy"]), keep_last=run.keep_last_rounds, source=source)
+            log.info("arm %s round %d: central accuracy %.4f", run.arm, server_round, central["accuracy"])
+
+        return evaluate_and_write
 
     run_rounds(
         runner, strategy, arm_grid, arm=run.arm,

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import Strategy
 
@@ -59,22 +60,35 @@ class Shortfall:
 def run_rounds(
     strategy: Strategy, recorder: Recording, grid: ArmGrid, *, arm: str, arrays: ArrayRecord, rounds: range,
     policy: RoundPolicy, train_config: ConfigRecord, evaluate_config: ConfigRecord,
-    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
+    evaluate_fn: Callable[[int, ArrayRecord], Callable[[], object]],
 ) -> ArrayRecord:
     """Run the ``rounds`` of ``strategy`` over ``grid`` and return the final global arrays.
 
     ``rounds`` are the run's own round numbers (``range(4, 6)``: a run of 5 rounds that
-    resumes after round 3), for the nodes, the records and ``evaluate_fn(round, arrays)``,
-    which runs after every round. ``recorder`` is the recording strategy: ``strategy``
-    itself, or the one a DP wrapper wraps.
+    resumes after round 3), for the nodes, the records and ``evaluate_fn(round, arrays)``.
+    That runs on this thread after every round and returns the round's slow step (the
+    central evaluation and the checkpoint), which runs on a thread of its own while the
+    nodes train the next round: the nodes do not wait for the server's evaluation. One
+    step runs at a time, in round order; the next round's step starts only once the one
+    before it is done, and the loop returns (or raises that step's error) only when the
+    last is. ``recorder`` is the recording strategy: ``strategy`` itself, or the one a DP
+    wrapper wraps.
 
     Raises:
         RuntimeError: a round got fewer than ``policy.min_replies`` valid training replies in every attempt.
     """
-    for server_round in rounds:
-        arrays = _train(strategy, recorder, grid, arm, server_round, arrays, train_config, policy)
-        _evaluate(strategy, recorder, grid, server_round, arrays, evaluate_config, policy)
-        evaluate_fn(server_round, arrays)
+    # leaving the block waits for the last step, also when a round fails: the last good round reaches the store
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"checkpoint-{arm}") as steps:
+        pending: Future | None = None
+        for server_round in rounds:
+            arrays = _train(strategy, recorder, grid, arm, server_round, arrays, train_config, policy)
+            _evaluate(strategy, recorder, grid, server_round, arrays, evaluate_config, policy)
+            step = evaluate_fn(server_round, arrays)
+            if pending is not None:
+                pending.result()  # raises the previous step's error (a store that went away) before going on
+            pending = steps.submit(step)
+        if pending is not None:
+            pending.result()
     return arrays
 
 
