@@ -20,7 +20,7 @@ from infra import certs
 from infra import federation as fed
 from infra._foreground import run_foreground as _run_foreground
 from infra.federation import FederationError
-from infra.stack import warm_worker_socket
+from infra.stack import CLIENTAPP_FORK_ENV, clientapp_fork_socket, warm_worker_socket
 from infra.state import state_dir
 
 
@@ -268,12 +268,18 @@ def _cmd_node_start(args: argparse.Namespace) -> int:
             print(f"node joined the SuperLink at {args.superlink} as Flower node {match.group(1)}", flush=True)
 
     env = fed.flower_env(state / "flwr" / "node")
-    worker = _start_warm_worker(socket_path, env) if socket_path else None
+    helpers = []  # the warm worker and the clientapp forkserver, stopped with the node
+    if socket_path:
+        helpers.append(_start_warm_worker(socket_path, env))
+        fork_socket = clientapp_fork_socket(state / "node")
+        helpers.append(_start_helper([sys.executable, "-m", "infra._clientapp_fork", "--socket", str(fork_socket)],
+                                     fork_socket.with_name("clientapp-fork.log"), env))
+        env = {**env, CLIENTAPP_FORK_ENV: str(fork_socket)}
     try:
         return _run_foreground("node", command, env, on_line=joined, explain=fed.explain_refusal)
     finally:
-        if worker is not None:
-            _stop_group(worker)
+        for helper in helpers:
+            _stop_group(helper)
 
 
 def _start_warm_worker(socket_path: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -281,14 +287,18 @@ def _start_warm_worker(socket_path: Path, env: dict[str, str]) -> subprocess.Pop
 
     Messages that arrive before it listens (it imports torch first) are answered in the ClientApp's process.
     """
-    socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     log_path = socket_path.with_name("worker.log")
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "clients._warm", "--socket", str(socket_path)],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                   start_new_session=True)
+    process = _start_helper([sys.executable, "-m", "clients._warm", "--socket", str(socket_path)], log_path, env)
     print(f"warm worker: {socket_path} (log {log_path})", flush=True)
     return process
+
+
+def _start_helper(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start one of the node's helper processes in its own process group, logging to ``log_path``."""
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
 
 
 def _stop_group(process: subprocess.Popen) -> None:

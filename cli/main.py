@@ -21,7 +21,8 @@ def _settings(args: argparse.Namespace) -> StackSettings:
     wanted = {
         key: value
         for key in ("prefect_port", "superlink_port", "node_base_port", "gpu_nodes", "cpu_nodes",
-                    "node_privacy_budget", "concurrency", "warm_workers", "superexec_poll_s", "reply_poll_s")
+                    "node_privacy_budget", "concurrency", "warm_workers", "superexec_poll_s", "reply_poll_s",
+                    "supernode_poll_s")
         if (value := getattr(args, key, None)) is not None
     }
     if existing and not wanted:
@@ -169,6 +170,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="seconds between the Flower SuperExecs' polls for work (default 1.0; 0.01-60)")
         sub.add_argument("--reply-poll", type=float, metavar="SECONDS", dest="reply_poll_s",
                          help="seconds between the ServerApps' polls for the nodes' replies (default 0.5)")
+        sub.add_argument("--supernode-poll", type=float, metavar="SECONDS", dest="supernode_poll_s",
+                         help="seconds an idle SuperNode waits before it asks the SuperLink for messages again "
+                         "(default 0.5; Flower's own is 3; 0.05-60)")
         sub.add_argument("--concurrency", type=_positive_int, metavar="N",
                          help="comparisons the stack runs at once (the work pool's concurrency limit; default 1); "
                          "further runs wait, Scheduled, for a free slot")

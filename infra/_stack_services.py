@@ -12,6 +12,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from infra._clientapp_fork import SOCKET_ENV as CLIENTAPP_FORK_ENV
 from infra.state import STATE_DIR_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +22,10 @@ DEPLOYMENT = "federated-compare/local"
 
 class StackError(RuntimeError):
     """The local stack cannot do what was asked; the message says what to do."""
+
+
+SUPERNODE_POLL_ENV = "FEDCOMPARE_SUPERNODE_POLL_S"  # read by flwr_bin/flower-supernode
+SUPERNODE_POLL_S = 0.5  # an idle SuperNode's wait between pulls: 2 pulls a second, against Flower's 3 s
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class StackSettings:
     # seconds between a SuperExec's polls for work (Flower's FLWR_SUPEREXEC_TASK_POLL_INTERVAL, 0.01-60)
     superexec_poll_s: float = 1.0
     reply_poll_s: float = 0.5  # seconds between the ServerApp's polls for the nodes' replies
+    # seconds an idle SuperNode waits before it asks the SuperLink for messages again (Flower's 3, hard-coded;
+    # flwr_bin/flower-supernode makes it a setting)
+    supernode_poll_s: float = SUPERNODE_POLL_S
     concurrency: int = 1  # comparisons (flow runs) at once: the work pool's limit and the worker's; others wait
     nodes: list[Node] = field(default_factory=list)
 
@@ -62,6 +70,8 @@ class StackSettings:
                              f"got {base.superexec_poll_s}")
         if not 0.01 <= base.reply_poll_s <= 60:
             raise StackError(f"--reply-poll: expected seconds in 0.01..60, got {base.reply_poll_s}")
+        if not 0.05 <= base.supernode_poll_s <= 60:
+            raise StackError(f"--supernode-poll: expected seconds in 0.05..60, got {base.supernode_poll_s}")
         tiers = ["gpu"] * base.gpu_nodes + ["cpu"] * base.cpu_nodes
         nodes = [
             Node(f"node-{i}", i, len(tiers), tier, base.node_base_port + i) for i, tier in enumerate(tiers)
@@ -165,14 +175,27 @@ def executable(name: str) -> str:
 # The SuperLink and every SuperNode start a `flower-superexec` child that polls for work
 # (a ServerApp or ClientApp to launch) every `superexec_poll_s` (Flower's
 # FLWR_SUPEREXEC_TASK_POLL_INTERVAL); every Flower message waits for that poll, after the
-# SuperNode's own poll of the SuperLink (3 s after an empty pull, hard-coded in Flower 1.41's
-# `start_client_internal`). Flower's default, once a second, is kept: at 0.25 s the idle local
-# stack took 30% of a core instead of 17%. The ServerApp polls for replies every `reply_poll_s`
-# (fedcompare's grid; Flower's own waits 3 s), read from FEDCOMPARE_REPLY_POLL_S.
+# SuperNode's own poll of the SuperLink: 3 s after an empty pull, hard-coded in Flower 1.41's
+# `start_client_internal`, which `flwr_bin/flower-supernode` sets to `supernode_poll_s`. Flower's
+# SuperExec default, once a second, is kept: at 0.25 s the idle local stack took 30% of a core
+# instead of 17%. The ServerApp polls for replies every `reply_poll_s` (fedcompare's grid;
+# Flower's own waits 3 s), read from FEDCOMPARE_REPLY_POLL_S.
 def _poll_env(settings: StackSettings) -> dict[str, str]:
     """Return the environment that sets Flower's and fedcompare's poll intervals."""
     return {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(settings.superexec_poll_s),
-            "FEDCOMPARE_REPLY_POLL_S": str(settings.reply_poll_s)}
+            "FEDCOMPARE_REPLY_POLL_S": str(settings.reply_poll_s),
+            SUPERNODE_POLL_ENV: str(settings.supernode_poll_s)}
+
+
+def supernode_executable() -> list[str]:
+    """Return the command that starts a SuperNode: fedcompare's launcher of Flower's, or Flower's own script.
+
+    The launcher (`flwr_bin/flower-supernode`) runs Flower's command with its idle wait set
+    from SUPERNODE_POLL_ENV; an install that lost the file gets Flower's script.
+    """
+    launcher = FLWR_LAUNCHERS / "flower-supernode"
+    flowers = executable("flower-supernode")  # Flower installed: the launcher imports it
+    return [sys.executable, str(launcher)] if launcher.is_file() else [flowers]
 
 
 def services(settings: StackSettings) -> list[Service]:
@@ -227,14 +250,23 @@ def services(settings: StackSettings) -> list[Service]:
                     {"OMP_NUM_THREADS": threads},
                 )
             )
+        node_env = {"FLWR_HOME": str(state / "flwr" / node.name), "OMP_NUM_THREADS": threads, **_poll_env(settings)}
+        if settings.warm_workers:
+            # the node's clientapp forkserver (infra/_clientapp_fork.py): each message's `flwr-clientapp` is a
+            # child forked with flwr imported, in the node's environment
+            fork = clientapp_fork_socket(Path(state / "nodes" / node.name))
+            found.append(Service(f"clientapp-fork-{node.partition_id}",
+                                 [sys.executable, "-m", "infra._clientapp_fork", "--socket", str(fork)],
+                                 f"{fork}", None, node_env))
+            node_env = {**node_env, CLIENTAPP_FORK_ENV: str(fork)}
         found.append(
             Service(
                 f"supernode-{node.partition_id}",
-                [executable("flower-supernode"), "--insecure", "--superlink", settings.superlink,
+                [*supernode_executable(), "--insecure", "--superlink", settings.superlink,
                  "--host", settings.host, "--port", str(node.port), "--node-config", node_config],
                 f"{settings.host}:{node.port} tier={node.tier} partition={node.partition_id}",
                 node.port,
-                {"FLWR_HOME": str(state / "flwr" / node.name), "OMP_NUM_THREADS": threads, **_poll_env(settings)},
+                node_env,
             )
         )
     return found
@@ -245,14 +277,19 @@ def worker_socket(settings: StackSettings, node: Node) -> Path:
     return warm_worker_socket(Path(settings.state_dir) / "nodes" / node.name)
 
 
-def warm_worker_socket(node_state_dir: Path) -> Path:
-    """Return the warm worker's socket for a node whose state lives in ``node_state_dir``.
+def warm_worker_socket(node_state_dir: Path, name: str = "worker.sock") -> Path:
+    """Return the warm worker's socket (or another of the node's, ``name``) for a node whose state is in ``node_state_dir``.
 
     AF_UNIX paths are limited to 107 bytes: a deeper state directory gets a socket in a
     private folder under /tmp named by the directory's hash.
     """
-    path = Path(node_state_dir).resolve() / "worker.sock"
+    path = Path(node_state_dir).resolve() / name
     if len(str(path)) <= 100:
         return path
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    return Path("/tmp") / f"fedcompare-{os.getuid()}-{digest}" / "worker.sock"
+    digest = hashlib.sha256(str(path.parent).encode()).hexdigest()[:16]
+    return Path("/tmp") / f"fedcompare-{os.getuid()}-{digest}" / name
+
+
+def clientapp_fork_socket(node_state_dir: Path) -> Path:
+    """Return the socket of the clientapp forkserver of the node whose state is in ``node_state_dir``."""
+    return warm_worker_socket(node_state_dir, "clientapp.sock")

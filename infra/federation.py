@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.stack import StackError, flower_path
+from infra.stack import SUPERNODE_POLL_ENV, SUPERNODE_POLL_S, StackError, flower_path, supernode_executable
 
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, NODES_DIR = "ca.crt", "ca.key", "server.pem", "server.key", "nodes"
 TIERS, DEVICES = ("gpu", "cpu"), ("auto", "cpu", "cuda")
@@ -243,7 +243,7 @@ def supernode_command(*, superlink: str, root_certificates: Path | None, auth_ke
     if insecure and (root_certificates is not None or auth_key is not None):
         raise FederationError("--insecure turns TLS off, which --root-certificates and --auth-key need: "
                               "drop --insecure, or drop them for a lab network")
-    command = [flower_bin("flower-supernode"), "--superlink", superlink, "--host", host,
+    command = [*supernode_executable(), "--superlink", superlink, "--host", host,
                "--port", str(check_port(port)), "--node-config", node_config]
     if insecure:
         return [*command, "--insecure"]
@@ -279,10 +279,13 @@ def explain_refusal(output: str) -> str:
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Return the environment of a Flower process whose state lives in `flwr_home`."""
+    """Return the environment of a Flower process whose state lives in `flwr_home`.
+
+    A SuperNode started with it waits SUPERNODE_POLL_S when idle, unless FEDCOMPARE_SUPERNODE_POLL_S says otherwise.
+    """
     flwr_home.mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1",
-            "PATH": flower_path()}
+    return {SUPERNODE_POLL_ENV: str(SUPERNODE_POLL_S), **os.environ, "FLWR_HOME": str(flwr_home),
+            "PYTHONUNBUFFERED": "1", "PATH": flower_path()}
 
 
 def _flwr_control(address: str, ca_cert: Path, calls: Mapping[str, list[str]], *,

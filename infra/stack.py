@@ -12,18 +12,21 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from infra._stack_processes import (
     http_ok, log_since_start, log_start_file, pid_file, port_in_use, running_pid, signal_group, start, wait,
 )
 from infra._stack_services import (
-    DEPLOYMENT, FLWR_LAUNCHERS, ROOT, WORK_POOL, Node, Service, StackError, StackSettings, executable, flower_path,
-    services, warm_worker_socket, worker_socket,
+    CLIENTAPP_FORK_ENV, DEPLOYMENT, FLWR_LAUNCHERS, ROOT, SUPERNODE_POLL_ENV, SUPERNODE_POLL_S, WORK_POOL, Node,
+    Service, StackError, StackSettings, clientapp_fork_socket, executable, flower_path, services,
+    supernode_executable, warm_worker_socket, worker_socket,
 )
 
 __all__ = [
-    "DEPLOYMENT", "FLWR_LAUNCHERS", "ROOT", "WORK_POOL", "Node", "Service", "StackError", "StackSettings", "down",
-    "flower_path", "port_in_use", "running_pid", "services", "status", "up", "warm_worker_socket", "worker_socket",
+    "CLIENTAPP_FORK_ENV", "DEPLOYMENT", "FLWR_LAUNCHERS", "ROOT", "SUPERNODE_POLL_ENV", "SUPERNODE_POLL_S", "WORK_POOL",
+    "Node", "Service", "StackError", "StackSettings", "clientapp_fork_socket", "down", "flower_path", "port_in_use",
+    "running_pid", "services", "status", "supernode_executable", "up", "warm_worker_socket", "worker_socket",
 ]
 
 
@@ -62,6 +65,7 @@ def up(settings: StackSettings, *, echo=print) -> None:
     for node in settings.nodes:
         if settings.warm_workers:
             start(settings, by_name[f"worker-{node.partition_id}"])
+            start(settings, by_name[f"clientapp-fork-{node.partition_id}"])
         start(settings, by_name[f"supernode-{node.partition_id}"])
     for node in settings.nodes:
         service = by_name[f"supernode-{node.partition_id}"]
@@ -72,6 +76,9 @@ def up(settings: StackSettings, *, echo=print) -> None:
             worker = by_name[f"worker-{node.partition_id}"]
             wait(settings, worker, lambda s=worker_socket(settings, node): s.exists(), timeout=180)
             echo(f"warm worker      {worker.address}")
+            fork = by_name[f"clientapp-fork-{node.partition_id}"]
+            wait(settings, fork, lambda s=Path(fork.address): s.exists(), timeout=60)
+            echo(f"clientapp fork   {fork.address}")
     worker = by_name["prefect-worker"]
     # The worker logs "Worker '…' started!" once; later flow runs push that line far from the log's end.
     wait(settings, worker, lambda: "started!" in log_since_start(settings, worker.name), timeout=60)

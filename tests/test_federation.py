@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from infra.certs import check_auth_key, check_public_key, check_server_names, cr
 from infra.federation import (
     FederationError, explain_refusal, Gpu, node_config, resolve_hardware, superlink_command, supernode_command, tls_files,
 )
+from infra.stack import FLWR_LAUNCHERS
 
 
 def _handshake(certs: Path, server_hostname: str) -> None:
@@ -196,7 +198,9 @@ def test_supernode_command_carries_tls_and_the_node_key(deployment):
     lab = supernode_command(superlink="10.0.0.1:8000", root_certificates=None, auth_key=None, insecure=True,
                             host="127.0.0.1", port=9095, node_config='tier="cpu"')
 
-    assert secure[1:] == ["--superlink", "coord.example:8000", "--host", "127.0.0.1", "--port", "9094",
+    # Flower's command through fedcompare's launcher (its idle wait a setting), then Flower's own arguments
+    assert secure[:2] == [sys.executable, str(FLWR_LAUNCHERS / "flower-supernode")]
+    assert secure[2:] == ["--superlink", "coord.example:8000", "--host", "127.0.0.1", "--port", "9094",
                           "--node-config", 'tier="cpu"', "--root-certificates", str(deployment / "ca.crt"),
                           "--auth-supernode-private-key", str(key)]
     assert lab[-1] == "--insecure"

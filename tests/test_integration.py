@@ -40,7 +40,8 @@ def test_status_shows_every_part_running(stack):
     shown = _cli(stack, "status")
 
     assert shown.returncode == 0, shown.stdout
-    for part in ("prefect-server", "prefect-worker", "superlink", "supernode-0", "supernode-3"):
+    for part in ("prefect-server", "prefect-worker", "superlink", "supernode-0", "supernode-3", "clientapp-fork-0",
+                 "clientapp-fork-3"):
         assert re.search(rf"{part}\s.*running", shown.stdout), shown.stdout
 
 
