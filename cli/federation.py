@@ -85,7 +85,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                      "SuperNode passes on (node config client-mods; default: none)")
     sub.add_argument("--warm-worker", action=argparse.BooleanOptionalAction, default=True,
                      help="start a warm worker beside the SuperNode that keeps torch, scikit-learn and this "
-                     "node's data loaded between Flower messages (default: on)")
+                     "node's data loaded between Flower messages, and a forkserver that starts each message's "
+                     "ClientApp process with flwr imported (default: on)")
     sub.add_argument("--state-dir", default=argparse.SUPPRESS, help="Flower's state goes to STATE_DIR/flwr and "
                      f"the node's privacy ledger to STATE_DIR/privacy-ledger.json {state}")
     sub.set_defaults(func=_cmd_node_start)

@@ -164,8 +164,9 @@ def _parser() -> argparse.ArgumentParser:
                          "(default: no limit; every node still keeps a privacy ledger)")
         sub.add_argument("--warm-workers", action=argparse.BooleanOptionalAction, default=None,
                          help="a warm worker beside each SuperNode keeps torch, scikit-learn and the node's data "
-                         "loaded between Flower messages (default: on; --no-warm-workers starts a fresh "
-                         "process per message, as bare Flower does)")
+                         "loaded between Flower messages, and a forkserver starts each message's ClientApp with "
+                         "flwr imported (default: on; --no-warm-workers starts a fresh process per message, "
+                         "as bare Flower does)")
         sub.add_argument("--superexec-poll", type=float, metavar="SECONDS", dest="superexec_poll_s",
                          help="seconds between the Flower SuperExecs' polls for work (default 1.0; 0.01-60)")
         sub.add_argument("--reply-poll", type=float, metavar="SECONDS", dest="reply_poll_s",

@@ -4,9 +4,8 @@ Flower 1.41 sends a message as a tree of objects (records, arrays) that the rece
 one by one. An object the sender has not finished pushing yet is tried again after
 `PULL_INITIAL_BACKOFF` (1 s), then 2 s, 4 s… (`flwr.supercore.inflatable.inflatable_utils`,
 where the value is a default argument of `pull_objects` and `pull_and_inflate_object_from_tree`).
-A 2.5 MB model is still being pushed when the SuperNode, and then the ClientApp, ask for it,
-so every large-arm message waited a second or two per hop: 2-4 s from the server's send to
-the node's work, against 1-1.7 s for the small arm's 31 kB. `shorten_pull_backoff` sets that
+A large arm's model (2.5-5 MB) can still be being pushed when the SuperNode, and then the
+ClientApp, ask for it, and then it waits a second per hop. `shorten_pull_backoff` sets that
 default to ``PULL_BACKOFF_S`` in this process; the doubling, its 10 s cap and Flower's limits on
 tries and time stay Flower's. The SuperNode launcher, the clientapp forkserver and launcher and
 the ServerApp call it. Standard library only at import (the launchers import it).
