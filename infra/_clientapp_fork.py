@@ -67,6 +67,13 @@ def flowers_clientapp_module():
     return module if callable(getattr(module, "flwr_clientapp", None)) else None
 
 
+def release_checkout() -> None:
+    """Forget this checkout's `infra` modules and path: the run's FAB provides the app and its own `infra`."""
+    for name in [n for n in sys.modules if n == "infra" or n.startswith("infra.")]:
+        del sys.modules[name]
+    sys.path[:] = [p for p in sys.path if p not in ("", _CHECKOUT)]
+
+
 # --- the launcher's side -----------------------------------------------------------------------
 
 
@@ -110,10 +117,7 @@ def _child(conn: socket.socket, listener: socket.socket, fds: list[int], request
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        # the run's FAB, not the checkout this server runs from, provides the app and its `infra` package
-        for name in [n for n in sys.modules if n == "infra" or n.startswith("infra.")]:
-            del sys.modules[name]
-        sys.path[:] = [p for p in sys.path if p not in ("", _CHECKOUT)]
+        release_checkout()
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
@@ -239,10 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket", required=True, type=Path, help="the Unix socket to listen on (made mode 0600)")
     args = parser.parse_args(argv)
     flower = flowers_clientapp_module()
-    shorten_pull_backoff()  # the children inherit it
     if flower is None:
         sys.exit("clientapp forkserver: Flower's flwr_clientapp.py is not where Flower 1.41 keeps it; the nodes' "
                  "flwr-clientapp runs Flower's own command instead")
+    shorten_pull_backoff()  # the children inherit it
     serve(args.socket, flower)
 
 
