@@ -140,13 +140,34 @@ def _extra_node(state: Path, name: str, partition: int, fault: str) -> list[subp
     env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PATH": flower_path()}
     worker = _start_warm_worker(socket, env)  # logs to worker.log beside its socket
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))  # the node only
-    with open(state / "logs" / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
+    log_path = state / "logs" / f"{name}.log"
+    start = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "ab") as log:  # the child keeps its own descriptor
         node = subprocess.Popen(
             [FLOWER_SUPERNODE, "--insecure", "--superlink", f"127.0.0.1:{settings['superlink_port']}",
              "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
+    try:
+        _wait_for_registration(log_path, start, node)
+    except BaseException:
+        for process in (node, worker):
+            _kill_group(process)
+        raise
     return [node, worker]
+
+
+def _wait_for_registration(log_path: Path, start: int, node: subprocess.Popen, timeout: float = 90) -> None:
+    """Wait until the SuperNode logging to ``log_path`` (from byte ``start``) has its node id from the SuperLink."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log_path, "rb") as log:
+            log.seek(start)
+            if b"SuperNode ID:" in log.read():
+                return
+        assert node.poll() is None, f"the extra SuperNode exited with {node.returncode}; see {log_path}"
+        time.sleep(0.2)
+    raise AssertionError(f"the extra SuperNode did not register within {timeout:.0f} s; see {log_path}")
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -164,9 +185,10 @@ def _partition_of(report: dict) -> dict[int, int]:
 
 
 def test_bad_updates_are_rejected_and_the_run_completes(stack, s3):
-    extras = {fault: _extra_node(stack, f"faulty-{fault}", i, fault) for i, fault in enumerate(("nan", "shape", "huge"))}
+    extras: dict[str, list[subprocess.Popen]] = {}
     try:
-        time.sleep(5)  # the extra nodes register with the SuperLink
+        for i, fault in enumerate(("nan", "shape", "huge")):
+            extras[fault] = _extra_node(stack, f"faulty-{fault}", i, fault)  # returns once the node has registered
         config = {**BASE, "rounds": 1,
                   "large": {"model": "auto", "learning_rate": 1e-3, "max_update_norm": 1000.0},
                   "small": {"model": "logreg", "learning_rate": 0.01, "max_update_norm": 1000.0}}
