@@ -138,8 +138,8 @@ def _extra_node(state: Path, name: str, partition: int, fault: str) -> list[subp
     node_config = (f'partition-id={partition} num-partitions={NODES} tier="cpu" fault="{fault}" '
                    f'worker-socket="{socket}" client-mods="tests.faults_mod:fault_mod"')
     env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PATH": flower_path()}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))  # the ClientApp imports tests.faults_mod
     worker = _start_warm_worker(socket, env)  # logs to worker.log beside its socket
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))  # the node only
     log_path = state / "logs" / f"{name}.log"
     start = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
