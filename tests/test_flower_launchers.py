@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import stat
@@ -23,6 +24,7 @@ from infra._flower_pulls import shorten_pull_backoff
 from infra.stack import FLWR_LAUNCHERS, SUPERNODE_POLL_ENV, StackSettings, services
 
 CLIENTAPP = [sys.executable, str(FLWR_LAUNCHERS / "flwr-clientapp")]
+CHECKOUT = Path(__file__).resolve().parents[1]
 FALLBACK = "running Flower's module in this process"
 
 
@@ -77,6 +79,29 @@ def test_the_forkserver_removes_its_socket_when_stopped(forkserver):
 
     assert not socket_path.exists()
     assert FALLBACK in _clientapp("--help", socket_path=socket_path).stderr
+
+
+def _path_after_release(pythonpath: str) -> list[str]:
+    """Return sys.path in a fresh interpreter (cwd: the checkout) after release_checkout(pythonpath)."""
+    code = ("import json, sys; from infra._clientapp_fork import release_checkout; "
+            f"release_checkout({pythonpath!r}); print(json.dumps(sys.path)); "
+            "print(json.dumps(sorted(n for n in sys.modules if n.split('.')[0] == 'infra')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=CHECKOUT, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr
+    path, modules = (json.loads(line) for line in done.stdout.splitlines())
+    assert modules == [], "the checkout's infra modules are forgotten"
+    return path
+
+
+def test_releasing_the_checkout_keeps_the_folders_the_clientapps_pythonpath_names():
+    extra = str(CHECKOUT / "tests")
+
+    plain = _path_after_release("")
+    wanted = _path_after_release(os.pathsep.join([str(CHECKOUT), extra]))
+
+    assert str(CHECKOUT) not in plain and "" not in plain
+    assert wanted[:2] == [str(CHECKOUT), extra] and wanted.count(str(CHECKOUT)) == 1
 
 
 def test_the_supernode_launcher_shortens_only_flowers_idle_sleep(monkeypatch):
