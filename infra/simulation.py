@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from infra._stack_processes import http_ok, tail
+from infra._stack_services import FLWR_LAUNCHERS
 
 _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 15.0
@@ -79,9 +80,11 @@ def simulation_superlink(state: Path, *, ray_address: str = "", host: str = "127
     folder = state / "simulation"
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / f"superlink-{port}.log"
+    # the SuperExec it starts and the flwr-simulation processes are executables of this environment; fedcompare's
+    # `flwr-simulation` (flwr_bin/, Flower's with a message delivery that scans once per tick) comes first
+    launchers = [str(FLWR_LAUNCHERS)] if os.access(FLWR_LAUNCHERS / "flwr-simulation", os.X_OK) else []
     env = {**os.environ, "FLWR_HOME": str(folder / "flwr"),
-           # the SuperExec it starts and the flwr-simulation processes are executables of this environment
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PATH": os.pathsep.join([*launchers, str(bin_dir), os.environ.get("PATH", "")])}
     env.pop("RAY_ADDRESS", None)
     if ray_address:
         env["RAY_ADDRESS"] = ray_address

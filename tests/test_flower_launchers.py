@@ -104,6 +104,18 @@ def test_releasing_the_checkout_keeps_the_folders_the_clientapps_pythonpath_name
     assert wanted[:2] == [str(CHECKOUT), extra] and wanted.count(str(CHECKOUT)) == 1
 
 
+def test_the_simulation_launcher_runs_flowers_command_with_the_one_pass_delivery():
+    helped = subprocess.run([sys.executable, str(FLWR_LAUNCHERS / "flwr-simulation"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    code = ("from flwr.server.superlink.fleet.vce import vce_api; from infra._flower_simulation import "
+            "deliver_in_one_pass as d; print(d(), d(), vce_api.add_messages_to_queue.fedcompare_one_pass)")
+    patched = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=CHECKOUT)
+
+    assert helped.returncode == 0 and "usage: flwr-simulation" in helped.stdout, helped.stderr
+    assert "not the one fedcompare knows" not in helped.stderr, "Flower 1.41's engine is the one it patches"
+    assert patched.stdout.split() == ["True", "True", "True"], patched.stderr
+
+
 def test_the_supernode_launcher_shortens_only_flowers_idle_sleep(monkeypatch):
     import flwr.supernode.start_client_internal as loop
 
