@@ -8,7 +8,10 @@ What codecarbon 3.3.2 does here (``tracking_mode="process"``, offline, no output
 - CPU: where Linux RAPL energy counters are readable, their deltas; otherwise (this
   project's CPU hosts) the CPU's TDP, from codecarbon's table of CPU models or 4 W per
   thread for a model missing from it, times the share of the machine's CPUs that this
-  process and its children kept busy (their CPU seconds over the wall seconds).
+  process kept busy (its CPU seconds over the wall seconds).
+- Process: this one alone. codecarbon's process mode adds the children's CPU time and
+  memory, found by walking every process on the host at each reading; the blocks measured
+  here start no processes, so fedcompare reads this process only (``_without_children``).
 - RAM: about 5 W per memory module that the process's resident memory fills (a module
   count estimated from its size), at least 10 W on x86 and 3 W on ARM, for the wall time.
 - GPU: the NVIDIA driver's (NVML) board energy counter of the tracked GPUs; whole boards,
@@ -22,7 +25,9 @@ every message: 1.4 s of wall and 1.3 s of CPU per message. On Linux, py-cpuinfo 
 model from /proc/cpuinfo before any other source, so ``_cpu_model_from_proc`` asks
 py-cpuinfo's own /proc/cpuinfo parser alone and hands codecarbon the same ``brand_raw``;
 elsewhere, or where /proc/cpuinfo names no model (some ARM kernels), py-cpuinfo runs whole.
-The rest of the set-up (codecarbon's CPU table with pandas, about 0.4 s) runs in a
+codecarbon also runs `lscpu` for every tracker to count the CPU sockets; fedcompare counts
+them once per process (``_count_sockets_once``). The rest of the set-up (codecarbon's CPU
+table with pandas, about 0.4 s) runs in a
 background thread, for the caller to load data and build its model meanwhile; ``measure``
 waits for what is left. codecarbon takes its closing reading only when 50 ms passed since
 its opening one, so a block shorter than that reads almost no CPU energy.
@@ -105,6 +110,47 @@ def _use_proc_cpuinfo() -> None:
         cpuinfo.get_cpu_info = fast
 
 
+def _count_sockets_once() -> None:
+    """Make codecarbon count this machine's CPU sockets once per process: it runs `lscpu` for every new tracker."""
+    from codecarbon import emissions_tracker
+
+    count = getattr(emissions_tracker, "count_physical_cpus", None)  # pinned codecarbon 3.3.2
+    if callable(count) and getattr(count, "cache_info", None) is None:
+        emissions_tracker.count_physical_cpus = functools.cache(count)
+
+
+def _without_children(tracker) -> None:
+    """Have ``tracker``'s CPU and RAM readings take this process alone, not also its children.
+
+    In process mode codecarbon adds the CPU time and memory of the process's children, which
+    psutil finds by reading the status of every process on the host, at each reading (four per
+    block). The blocks measured here (a node's training or evaluation) start no processes, and
+    on a stack of several nodes or a Ray host with many workers that walk costs about as much
+    as a small model's training.
+    """
+    import psutil
+
+    alone = _process_alone()
+    for hardware in getattr(tracker, "_hardware", []):  # pinned codecarbon 3.3.2: CPU._process, RAM._children
+        process = getattr(hardware, "_process", None)
+        if isinstance(process, psutil.Process) and not isinstance(process, alone):
+            hardware._process = alone(process.pid)
+        if getattr(hardware, "_children", None) is True:
+            hardware._children = False
+
+
+@functools.cache
+def _process_alone() -> type:
+    """Return a psutil.Process whose children are none (psutil is imported with codecarbon, not before)."""
+    import psutil
+
+    class ProcessAlone(psutil.Process):
+        def children(self, recursive: bool = False) -> list:  # noqa: ARG002 - psutil's signature
+            return []
+
+    return ProcessAlone
+
+
 class EnergyMeter:
     """Measure blocks of work in this process with codecarbon's offline tracker, per process.
 
@@ -118,6 +164,7 @@ class EnergyMeter:
         from codecarbon import OfflineEmissionsTracker
 
         _use_proc_cpuinfo()
+        _count_sockets_once()
         level = os.environ.get("CODECARBON_LOG_LEVEL", "error")  # quiet unless asked (the import set INFO)
         logging.getLogger("codecarbon").setLevel(level.upper())  # before creating: the tracker logs at once
         self._tracker = OfflineEmissionsTracker(
@@ -133,6 +180,7 @@ class EnergyMeter:
         """Run codecarbon's hardware detection (cached on the tracker); keep its error for `measure`."""
         try:
             self._tracker.get_detected_hardware()
+            _without_children(self._tracker)
         except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread by measure()
             self._setup_error = error
 

@@ -45,6 +45,27 @@ def test_more_cpu_work_measures_more_energy():
     assert large.cpu_method in CPU_METHODS.values(), "codecarbon must say how it measured the CPU"
 
 
+def test_a_block_reads_this_process_alone_and_the_sockets_are_counted_once_per_process():
+    from codecarbon import emissions_tracker
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a child the meters must not walk to
+    try:
+        meters = [EnergyMeter(device="cpu"), EnergyMeter(device="cpu")]
+        for meter in meters:
+            with meter.measure():
+                _busy(0.1)
+        readings = [(type(h).__name__, h) for m in meters for h in m._tracker._hardware]
+    finally:
+        child.kill()
+        child.wait()
+
+    counted = emissions_tracker.count_physical_cpus.cache_info()
+    assert counted.misses == 1 and counted.hits >= 1, "lscpu ran once in this process, then its count was reused"
+    cpus = [h for name, h in readings if name == "CPU"]
+    assert cpus and all(h._process.children(recursive=True) == [] for h in cpus)
+    assert all(h._children is False for name, h in readings if name == "RAM")
+
+
 def test_energy_replies_under_the_phase_name():
     energy = _measure(0.1)
 
