@@ -130,11 +130,10 @@ def _without_children(tracker) -> None:
     """
     import psutil
 
-    alone = _process_alone()
     for hardware in getattr(tracker, "_hardware", []):  # pinned codecarbon 3.3.2: CPU._process, RAM._children
         process = getattr(hardware, "_process", None)
-        if isinstance(process, psutil.Process) and not isinstance(process, alone):
-            hardware._process = alone(process.pid)
+        if isinstance(process, psutil.Process):
+            hardware._process = _process_alone()(process.pid)
         if getattr(hardware, "_children", None) is True:
             hardware._children = False
 

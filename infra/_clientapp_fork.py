@@ -67,16 +67,16 @@ def flowers_clientapp_module():
     return module if callable(getattr(module, "flwr_clientapp", None)) else None
 
 
-def release_checkout(pythonpath: str = "") -> None:
+def release_checkout() -> None:
     """Forget this checkout's `infra` modules and path: the run's FAB provides the app and its own `infra`.
 
-    The folders on ``pythonpath`` (the ClientApp's PYTHONPATH) stay on ``sys.path``, in front, as
+    The folders on this process's PYTHONPATH (the ClientApp's) stay on ``sys.path``, in front, as
     they would in a process started with that environment: a node's operator may have put this
     checkout there on purpose, for example for a module named in node config ``client-mods``.
     """
     for name in [n for n in sys.modules if n == "infra" or n.startswith("infra.")]:
         del sys.modules[name]
-    wanted = [p for p in pythonpath.split(os.pathsep) if p]
+    wanted = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     rest = [p for p in sys.path if p not in ("", _CHECKOUT) and p not in wanted]
     sys.path[:] = wanted + rest
 
@@ -126,7 +126,7 @@ def _child(conn: socket.socket, listener: socket.socket, fds: list[int], request
             os.close(fd)
         os.environ.clear()
         os.environ.update(request["env"])
-        release_checkout(os.environ.get("PYTHONPATH", ""))  # sys.path as the launcher's environment makes it
+        release_checkout()  # after the launcher's environment: sys.path as its PYTHONPATH makes it
         os.chdir(request["cwd"])
         sys.argv = list(request["argv"])
         sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)

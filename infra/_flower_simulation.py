@@ -63,8 +63,8 @@ def deliver_in_one_pass() -> bool:
     flowers = vce_api.add_messages_to_queue
     if getattr(flowers, "fedcompare_one_pass", False):
         return True
-    if list(inspect.signature(flowers).parameters) != _PARAMETERS or not all(
-            hasattr(InMemoryLinkState, name) for name in ("_check_stored_messages", "get_message_ins")):
+    if list(inspect.signature(flowers).parameters) != _PARAMETERS or not hasattr(InMemoryLinkState,
+                                                                                 "_check_stored_messages"):
         return False
 
     def add_messages_to_queue(state, queue: Queue, nodes_mapping, f_stop: threading.Event) -> None:

@@ -82,12 +82,15 @@ def test_the_forkserver_removes_its_socket_when_stopped(forkserver):
 
 
 def _path_after_release(pythonpath: str) -> list[str]:
-    """Return sys.path in a fresh interpreter (cwd: the checkout) after release_checkout(pythonpath)."""
+    """Return sys.path in a fresh interpreter (cwd: the checkout, PYTHONPATH ``pythonpath``) after release_checkout()."""
     code = ("import json, sys; from infra._clientapp_fork import release_checkout; "
-            f"release_checkout({pythonpath!r}); print(json.dumps(sys.path)); "
+            "release_checkout(); print(json.dumps(sys.path)); "
             "print(json.dumps(sorted(n for n in sys.modules if n.split('.')[0] == 'infra')))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          cwd=CHECKOUT, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=CHECKOUT,
+                          env=env)
     assert done.returncode == 0, done.stderr
     path, modules = (json.loads(line) for line in done.stdout.splitlines())
     assert modules == [], "the checkout's infra modules are forgotten"
